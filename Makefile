@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both bootstrap .venv from nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch that these machines carry; elsewhere pip fetches it from the index.
+TORCH_CPU ?= torch==2.13.0
+MODEL ?=
+DEMO_OUT ?= demo-output
+
+.PHONY: demo test test-slow lint format clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline.demo --output $(DEMO_OUT) $(if $(MODEL),--model $(MODEL))
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline jobs tests benchmarks
+	$(BIN)/ruff format --check pipeline jobs tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format pipeline jobs tests benchmarks
+	$(BIN)/ruff check --fix pipeline jobs tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,177 @@
+"""`Encoder`: texts in, one NeoBERT embedding per text out, rows in input order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.batching import pack_token_ids, plan_batches
+from pipeline.model.attention import AttentionFn, select_attention
+from pipeline.model.checkpoint import load_neobert, resolve_checkpoint
+from pipeline.model.neobert import NeoBERT, NeoBERTConfig
+from pipeline.model.pooling import POOLINGS, l2_normalize, pool
+from pipeline.tokenizer import TextTokenizer, TokenizedTexts
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Tokens per forward pass: large enough to keep matmuls efficient, small enough for memory.
+DEFAULT_MAX_TOKENS = {"cpu": 8192, "cuda": 65536}
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What produced the embeddings: written into every run record."""
+
+    source: str
+    weights_sha256: str
+    hidden_size: int
+    max_length: int
+    device: str
+    dtype: str
+    attention: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+class Encoder:
+    """A loaded NeoBERT with its tokenizer; encode() is the whole public contract."""
+
+    def __init__(
+        self,
+        model: NeoBERT,
+        tokenizer: TextTokenizer,
+        *,
+        attention: tuple[str, AttentionFn],
+        info: EncoderInfo,
+        max_tokens: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.attention_name, self._attention = attention
+        self.info = info
+        self.max_tokens = max_tokens
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        attention: str = "auto",
+        max_length: int | None = None,
+        max_tokens: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> Encoder:
+        """Load from a Hub id (e.g. chandar-lab/NeoBERT), a local folder or an fsspec URL (s3://...).
+
+        dtype defaults to bfloat16 on GPU and float32 on CPU; max_length defaults to, and may not
+        exceed, the checkpoint's own.
+        """
+        torch_device = resolve_device(device)
+        dtype = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
+        loaded = load_neobert(folder, torch_device, DTYPES[dtype])
+        max_length = _checked_max_length(max_length, loaded.config)
+        tokenizer = TextTokenizer.from_folder(Path(folder), max_length)
+        chosen = select_attention(attention, torch_device, DTYPES[dtype])
+        info = EncoderInfo(
+            source=name_or_path if revision is None else f"{name_or_path}@{revision}",
+            weights_sha256=loaded.weights_sha256,
+            hidden_size=loaded.config.hidden_size,
+            max_length=max_length,
+            device=torch_device.type,
+            dtype=dtype,
+            attention=chosen[0],
+        )
+        log.info("loaded %s (%s, %s, attention=%s)", info.source, info.device, dtype, chosen[0])
+        return cls(
+            loaded.model,
+            tokenizer,
+            attention=chosen,
+            info=info,
+            max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], max_length),
+        )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.info.hidden_size
+
+    def tokenize(self, texts: list[str]) -> TokenizedTexts:
+        return self.tokenizer.encode(texts)
+
+    def encode(
+        self,
+        texts: list[str],
+        pooling: str = "cls",
+        normalize: bool = False,
+        *,
+        max_tokens: int | None = None,
+        output_dtype: str = "float32",
+    ) -> np.ndarray:
+        """(len(texts), hidden_size) embeddings, row i for texts[i], whatever the internal batching."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts; wrap a single text in a list")
+        tokenized = self.tokenize(list(texts))
+        return self.embed_token_ids(
+            tokenized.ids, pooling, normalize, max_tokens=max_tokens, output_dtype=output_dtype
+        )
+
+    def embed_token_ids(
+        self,
+        token_ids: list[np.ndarray],
+        pooling: str = "cls",
+        normalize: bool = False,
+        *,
+        max_tokens: int | None = None,
+        output_dtype: str = "float32",
+    ) -> np.ndarray:
+        """Embed already tokenized documents in length-sorted token-budget batches; input order kept."""
+        out = np.zeros((len(token_ids), self.hidden_size), dtype=OUTPUT_DTYPES[output_dtype])
+        lengths = np.fromiter((len(t) for t in token_ids), np.int64, len(token_ids))
+        for batch in plan_batches(lengths, max_tokens or self.max_tokens):
+            flat, cu_seqlens = pack_token_ids([token_ids[i] for i in batch])
+            out[batch] = self.embed_packed(flat, cu_seqlens, pooling, normalize)
+        return out
+
+    @torch.inference_mode()
+    def embed_packed(self, flat_ids: np.ndarray, cu_seqlens: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+        """One forward pass over documents laid back to back: (T,) ids, (N+1,) offsets -> (N, C) float32."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        lengths = np.diff(cu_seqlens)
+        if len(lengths) == 0:
+            return np.zeros((0, self.hidden_size), np.float32)
+        if lengths.min() < 1:
+            raise ValueError("every document needs at least one token")
+        ids = torch.from_numpy(np.ascontiguousarray(flat_ids, dtype=np.int64)).to(self.device, non_blocking=True)
+        cu = torch.from_numpy(np.ascontiguousarray(cu_seqlens, dtype=np.int32)).to(self.device, non_blocking=True)
+        hidden = self.model(ids, cu, int(lengths.max()), self._attention)  # (T, C)
+        pooled = pool(hidden, cu, pooling).float()  # (N, C)
+        if normalize:
+            pooled = l2_normalize(pooled)
+        return pooled.cpu().numpy()
+
+
+def _checked_max_length(max_length: int | None, config: NeoBERTConfig) -> int:
+    if max_length is None:
+        return config.max_length
+    if not 2 <= max_length <= config.max_length:
+        raise ValueError(f"max_length must be between 2 and the checkpoint's {config.max_length}, got {max_length}")
+    return max_length
