@@ -129,9 +129,7 @@ class Encoder:
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list")
         tokenized = self.tokenize(list(texts))
-        return self.embed_token_ids(
-            tokenized.ids, pooling, normalize, max_tokens=max_tokens, output_dtype=output_dtype
-        )
+        return self.embed_token_ids(tokenized.ids, pooling, normalize, max_tokens=max_tokens, output_dtype=output_dtype)
 
     def embed_token_ids(
         self,

@@ -7,7 +7,8 @@ A backend is a function (q, k, v, cu_seqlens, max_seqlen) -> out, with q, k, v, 
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

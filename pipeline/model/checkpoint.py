@@ -163,7 +163,9 @@ def write_random_checkpoint(
         if name.endswith("norm.weight"):
             native[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
         else:
-            native[name] = 0.02 * torch.randn(tensor.shape, generator=generator) * (3.0 if "embeddings" in name else 1.0)
+            native[name] = (
+                0.02 * torch.randn(tensor.shape, generator=generator) * (3.0 if "embeddings" in name else 1.0)
+            )
     lm_head = None
     if layout == "released":
         lm_head = {
