@@ -158,8 +158,8 @@ class Encoder:
             return np.zeros((0, self.hidden_size), np.float32)
         if lengths.min() < 1:
             raise ValueError("every document needs at least one token")
-        ids = torch.from_numpy(np.ascontiguousarray(flat_ids, dtype=np.int64)).to(self.device, non_blocking=True)
-        cu = torch.from_numpy(np.ascontiguousarray(cu_seqlens, dtype=np.int32)).to(self.device, non_blocking=True)
+        ids = torch.from_numpy(np.array(flat_ids, dtype=np.int64)).to(self.device, non_blocking=True)
+        cu = torch.from_numpy(np.array(cu_seqlens, dtype=np.int32)).to(self.device, non_blocking=True)
         hidden = self.model(ids, cu, int(lengths.max()), self._attention)  # (T, C)
         pooled = pool(hidden, cu, pooling).float()  # (N, C)
         if normalize:

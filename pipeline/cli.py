@@ -1,0 +1,113 @@
+"""`neobert-pipeline`: the command line. It owns the terminal; the library only logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+EXIT_NO_INPUT = 3
+EXIT_OUTPUT_EXISTS = 4
+EXIT_MODEL = 5
+EXIT_BAD_INPUT = 6
+
+# flag -> dotted config key; a flag left out keeps the config file's (or the default) value.
+EMBED_FLAGS: list[tuple[str, str, dict]] = [
+    ("--model", "model", dict(help="Hub id, folder or URL of the checkpoint (default chandar-lab/NeoBERT)")),
+    ("--revision", "revision", dict(help="Hub revision to pin")),
+    ("--format", "format", dict(choices=["auto", "jsonl", "parquet", "text"])),
+    ("--text-field", "text_field", dict(help="field/column with the text (default: text)")),
+    ("--id-field", "id_field", dict(help="field/column with the document id (default: derived from shard and row)")),
+    ("--pooling", "pooling", dict(choices=["cls", "mean"])),
+    ("--normalize", "normalize", dict(action="store_const", const=True, help="L2-normalise embeddings")),
+    ("--max-length", "max_length", dict(type=int, help="tokens per document, at most the checkpoint's")),
+    ("--output-dtype", "output_dtype", dict(choices=["float32", "float16"])),
+    ("--device", "device", dict(help="auto, cpu or cuda")),
+    ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="compute dtype")),
+    ("--attention", "attention", dict(choices=["auto", "varlen", "flash_attn", "sdpa"])),
+    ("--tokens-per-batch", "tokens_per_batch", dict(type=int, help="token budget of one forward pass")),
+    ("--rows-per-tokenize-batch", "rows_per_tokenize_batch", dict(type=int)),
+    ("--min-actors", "actors.min_actors", dict(type=int)),
+    ("--max-actors", "actors.max_actors", dict(type=int)),
+    ("--gpus-per-actor", "actors.gpus_per_actor", dict(type=float)),
+    ("--cpus-per-actor", "actors.cpus_per_actor", dict(type=float)),
+    ("--target-file-mb", "target_file_mb", dict(type=int)),
+    ("--endpoint-url", "storage.endpoint_url", dict(help="S3-compatible endpoint (MinIO, ...)")),
+    ("--anon", "storage.anon", dict(action="store_const", const=True, help="anonymous object storage access")),
+    ("--ray-address", "ray_address", dict(help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")),
+    ("--num-cpus", "num_cpus", dict(type=int, help="CPUs of the local Ray")),
+    ("--progress-interval", "progress_interval_s", dict(type=float, help="seconds between progress lines")),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neobert-pipeline", description="Batch NeoBERT embeddings on Ray Data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    embed = commands.add_parser("embed", help="embed a corpus into Parquet")
+    embed.add_argument("input", nargs="?", help="folder, glob or URL of the input shards")
+    embed.add_argument("output", nargs="?", help="folder or URL for the embeddings")
+    embed.add_argument("--config", help="YAML settings file (flags override it)")
+    for flag, key, options in EMBED_FLAGS:
+        embed.add_argument(flag, dest=key, default=None, **options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "embed":
+        return _embed(args)
+    return EXIT_BAD_SETTINGS
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from pipeline.io.readers import BadInputError
+    from pipeline.io.shards import NoInputError
+    from pipeline.job import OutputExistsError, run_embedding_job
+    from pipeline.model.checkpoint import CheckpointError
+
+    overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
+    overrides.update(input=args.input, output=args.output)
+    try:
+        config = load_config(args.config, overrides)
+        summary = run_embedding_job(config)
+    except ConfigError as err:
+        return _fail(EXIT_BAD_SETTINGS, err)
+    except NoInputError as err:
+        return _fail(EXIT_NO_INPUT, err)
+    except OutputExistsError as err:
+        return _fail(EXIT_OUTPUT_EXISTS, err)
+    except CheckpointError as err:
+        return _fail(EXIT_MODEL, err)
+    except BadInputError as err:
+        return _fail(EXIT_BAD_INPUT, err)
+    except Exception as err:  # errors raised inside Ray tasks arrive wrapped; show the root cause in one line
+        cause = _root_cause(err)
+        if isinstance(cause, BadInputError):
+            return _fail(EXIT_BAD_INPUT, cause)
+        raise
+    print("\nembedding finished")
+    for line in summary.lines():
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _fail(code: int, err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Typed job settings, read from YAML and overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODEL = "chandar-lab/NeoBERT"
+
+
+class ConfigError(ValueError):
+    """A config file or flag has an unknown key or a bad value."""
+
+
+class StorageConfig(BaseModel):
+    """How to reach object storage; the standard credential chains apply when left empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, a test server); None for AWS itself."""
+    anon: bool = False
+    """Read public buckets without credentials."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Further fsspec filesystem options, passed as they are (e.g. {"requester_pays": true})."""
+
+    def fsspec_options(self, protocol: str) -> dict[str, Any]:
+        options = dict(self.options)
+        if protocol in ("s3", "s3a"):
+            if self.endpoint_url:
+                options["endpoint_url"] = self.endpoint_url
+            if self.anon:
+                options["anon"] = True
+        return options
+
+
+class ActorPoolConfig(BaseModel):
+    """The embedding actors: one model copy each, autoscaled between min_actors and max_actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_actors: int = Field(1, ge=1)
+    """Actors kept alive from the start."""
+    max_actors: int = Field(1, ge=1)
+    """Upper bound when Ray scales the pool up (one per GPU on GPU clusters)."""
+    gpus_per_actor: float = Field(0.0, ge=0)
+    """1 on GPU clusters (one model per GPU); 0 runs the model on CPU."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    """CPU cores reserved per actor; also torch's thread count on CPU."""
+
+    @field_validator("max_actors")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info) -> int:
+        if value < info.data.get("min_actors", 1):
+            raise ValueError("max_actors must be >= min_actors")
+        return value
+
+
+class JobConfig(BaseModel):
+    """Everything one embedding run needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    """URL, folder or glob of the input shards (local, s3://, gs://, az://, hf://datasets/...)."""
+    output: str
+    """Folder or URL that receives the Parquet embeddings and the run record."""
+    model: str = DEFAULT_MODEL
+    """Hub id, local folder or fsspec URL of a NeoBERT checkpoint."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """Input format; auto goes by file extension (.jsonl[.gz|.zst], .parquet, .txt)."""
+    text_field: str = "text"
+    """Field (JSONL) or column (Parquet) holding the document text."""
+    id_field: str | None = None
+    """Field holding a document id; without it, ids are '<shard path>#<row>'."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """cls: the [CLS] vector, as the NeoBERT model card; mean: average over all tokens."""
+    normalize: bool = False
+    """L2-normalise each embedding."""
+    max_length: int | None = Field(None, ge=2)
+    """Tokens per document, [CLS] and [SEP] included; default and upper bound: the checkpoint's."""
+    output_dtype: Literal["float32", "float16"] = "float32"
+    """Element type of the stored embeddings."""
+    device: str = "auto"
+    """auto, cpu or cuda for the embedding actors."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Compute dtype; default bfloat16 on GPU, float32 on CPU."""
+    attention: Literal["auto", "varlen", "flash_attn", "sdpa"] = "auto"
+    """Attention backend; auto picks the fastest one the device supports."""
+    tokens_per_batch: int | None = Field(None, ge=16)
+    """Token budget of one forward pass; default 8192 on CPU, 65536 on GPU."""
+    rows_per_tokenize_batch: int = Field(2048, ge=1)
+    """Rows tokenized and length-sorted together before packing."""
+    actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    """The embedding actor pool."""
+    target_file_mb: int = Field(256, ge=1)
+    """Approximate size of each output Parquet file."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Object storage settings for input, output and model URLs."""
+    ray_address: str | None = None
+    """Ray cluster to join; default: RAY_ADDRESS, else a local Ray started for the job."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local Ray started for the job (default: all)."""
+    progress_interval_s: float = Field(10.0, gt=0)
+    """Seconds between progress lines."""
+    model_label: str | None = None
+    """Free text stored with the model in the run record (the demo marks a random fallback model here)."""
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> JobConfig:
+    """Merge a YAML file (optional) with overrides (flags; None means 'not given') and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping of settings, not {type(raw).__name__}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        target = raw
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid settings{f' in {path}' if path else ''}: {problems}") from err

@@ -1,0 +1,1 @@
+"""Shards in, Parquet out, over any fsspec filesystem."""
