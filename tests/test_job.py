@@ -1,0 +1,147 @@
+"""The embedding job end to end on local Ray: real shards in, Parquet out, one row per document."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from corpus import jsonl_bytes, make_docs, parquet_bytes
+
+from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_EXISTS, main
+from pipeline.config import load_config
+from pipeline.job import RUN_RECORD, OutputExistsError, run_embedding_job
+
+
+def run(input_url: str, output_url: str, model, **settings):
+    config = load_config(None, {"input": input_url, "output": output_url, "model": str(model), **settings})
+    return run_embedding_job(config)
+
+
+def assert_matches_encoder(table, docs_by_id: dict[str, str], encoder, **encode_options):
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(docs_by_id), "every input document exactly once"
+    expected = encoder.encode([docs_by_id[i] for i in ids], **encode_options)
+    got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    tokenized = encoder.tokenize([docs_by_id[i] for i in ids])
+    assert table.column("n_tokens").to_pylist() == tokenized.lengths.tolist()
+    assert table.column("truncated").to_pylist() == tokenized.truncated.tolist()
+
+
+def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoint, tiny_checkpoint, tiny_encoder):
+    shards = {f"in/part-{i}.jsonl.gz": make_docs(120, seed=i, prefix=f"s{i}") for i in range(3)}
+    for key, docs in shards.items():
+        s3.pipe(f"{s3.bucket}/{key}", jsonl_bytes(docs, "gz"))
+    summary = run(
+        f"s3://{s3.bucket}/in/",
+        f"s3://{s3.bucket}/out",
+        tiny_checkpoint,
+        id_field="id",
+        storage={"endpoint_url": s3_endpoint},
+        tokens_per_batch=512,
+    )
+    files = s3.find(f"{s3.bucket}/out")
+    table = pq.read_table([f for f in files if f.endswith(".parquet")], filesystem=s3)
+    docs = {d["id"]: d["text"] for part in shards.values() for d in part}
+    assert_matches_encoder(table, docs, tiny_encoder)
+    assert summary.documents == summary.rows_written == 360
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
+    # shard and row point back at the exact input line
+    for row in table.slice(0, 20).to_pylist():
+        key = row["shard"].removeprefix(f"s3://{s3.bucket}/")
+        assert shards[key][row["row"]]["id"] == row["id"]
+    record = json.loads(s3.cat(f"{s3.bucket}/out/{RUN_RECORD}"))
+    assert record["model"]["weights_sha256"] and record["embedding"]["pooling"] == "cls"
+    assert [i["url"] for i in record["inputs"]] == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
+    assert all(i["fingerprint"].startswith("size=") and "etag=" in i["fingerprint"] for i in record["inputs"])
+
+
+def test_parquet_input_without_ids_gets_stable_ids_and_loads_with_datasets(
+    ray_local, tmp_path, tiny_checkpoint, tiny_encoder
+):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    first, second = make_docs(50, seed=10, prefix="a"), make_docs(70, seed=11, prefix="b")
+    (tmp_path / "in" / "one.parquet").write_bytes(parquet_bytes(first))
+    (tmp_path / "in" / "sub" / "two.parquet").write_bytes(parquet_bytes(second))
+    run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, pooling="mean", normalize=True)
+
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train")
+    assert loaded.num_rows == 120
+    expected_ids = {f"one.parquet#{i}" for i in range(50)} | {f"sub/two.parquet#{i}" for i in range(70)}
+    assert set(loaded["id"]) == expected_ids
+    texts = {f"one.parquet#{i}": d["text"] for i, d in enumerate(first)}
+    texts |= {f"sub/two.parquet#{i}": d["text"] for i, d in enumerate(second)}
+    table = pq.read_table(tmp_path / "out")
+    assert_matches_encoder(table, texts, tiny_encoder, pooling="mean", normalize=True)
+
+
+def test_text_and_zstd_jsonl_shards_with_long_documents_truncated(ray_local, tmp_path, tiny_checkpoint):
+    from pipeline import Encoder
+
+    (tmp_path / "in").mkdir()
+    long_docs = make_docs(5, seed=3, prefix="long", max_words=400)
+    (tmp_path / "in" / "a.jsonl.zst").write_bytes(jsonl_bytes(long_docs, "zst"))
+    lines = [d["text"] for d in make_docs(30, seed=4, prefix="t")]
+    (tmp_path / "in" / "b.txt").write_text("\n".join(lines) + "\n")
+    run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, max_length=128, output_dtype="float16")
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 35
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[64]"
+    encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", max_length=128)
+    texts = {f"a.jsonl.zst#{i}": d["text"] for i, d in enumerate(long_docs)} | {
+        f"b.txt#{i}": t for i, t in enumerate(lines)
+    }
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(texts)
+    got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(got, encoder.encode([texts[i] for i in ids]), atol=2e-3, rtol=2e-3)
+    truncated = dict(zip(ids, table.column("truncated").to_pylist(), strict=True))
+    assert all(truncated[f"a.jsonl.zst#{i}"] for i in range(5)) and not any(truncated[f"b.txt#{i}"] for i in range(30))
+
+
+def test_model_loads_from_an_s3_url(s3, s3_endpoint, tiny_checkpoint, tiny_encoder, tmp_path):
+    from pipeline import Encoder
+
+    for name in ("config.json", "model.safetensors", "vocab.txt"):
+        s3.put(str(tiny_checkpoint / name), f"{s3.bucket}/models/tiny/{name}")
+    encoder = Encoder.from_pretrained(
+        f"s3://{s3.bucket}/models/tiny",
+        device="cpu",
+        cache_dir=str(tmp_path),
+        storage_options={"endpoint_url": s3_endpoint},
+    )
+    assert encoder.info.weights_sha256 == tiny_encoder.info.weights_sha256
+    texts = ["object storage", "model weights from a URL"]
+    np.testing.assert_array_equal(encoder.encode(texts), tiny_encoder.encode(texts))
+
+
+def test_output_that_already_holds_embeddings_is_refused(ray_local, tmp_path, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(5, seed=1, prefix="x")))
+    run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
+    with pytest.raises(OutputExistsError, match="already holds embeddings"):
+        run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
+
+
+def test_cli_embeds_and_reports_known_errors_with_exit_codes(ray_local, tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(8, seed=2, prefix="c")))
+    out = str(tmp_path / "out")
+    assert main(["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint), "--id-field", "id"]) == EXIT_OK
+    assert "documents      8" in capsys.readouterr().out
+    assert pq.read_table(out).num_rows == 8
+
+    assert main(["embed", str(tmp_path / "nothing-here"), str(tmp_path / "o2"), "--model", str(tiny_checkpoint)]) == (
+        EXIT_NO_INPUT
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint)]) == EXIT_OUTPUT_EXISTS
+    config = tmp_path / "bad.yaml"
+    config.write_text("input: x\noutput: y\npooling: max\nbatchsize: 3\n")
+    assert main(["embed", "--config", str(config)]) == EXIT_BAD_SETTINGS
+    err = capsys.readouterr().err
+    assert "pooling" in err and "batchsize: Extra inputs are not permitted" in err
