@@ -74,24 +74,21 @@ def _embed(args: argparse.Namespace) -> int:
 
     overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
     overrides.update(input=args.input, output=args.output)
+    known_errors = {
+        ConfigError: EXIT_BAD_SETTINGS,
+        NoInputError: EXIT_NO_INPUT,
+        OutputExistsError: EXIT_OUTPUT_EXISTS,
+        CheckpointError: EXIT_MODEL,
+        BadInputError: EXIT_BAD_INPUT,
+    }
     try:
         config = load_config(args.config, overrides)
         summary = run_embedding_job(config)
-    except ConfigError as err:
-        return _fail(EXIT_BAD_SETTINGS, err)
-    except NoInputError as err:
-        return _fail(EXIT_NO_INPUT, err)
-    except OutputExistsError as err:
-        return _fail(EXIT_OUTPUT_EXISTS, err)
-    except CheckpointError as err:
-        return _fail(EXIT_MODEL, err)
-    except BadInputError as err:
-        return _fail(EXIT_BAD_INPUT, err)
-    except Exception as err:  # errors raised inside Ray tasks arrive wrapped; show the root cause in one line
+    except tuple(known_errors) as err:
+        # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
         cause = _root_cause(err)
-        if isinstance(cause, BadInputError):
-            return _fail(EXIT_BAD_INPUT, cause)
-        raise
+        code = next(code for kind, code in known_errors.items() if isinstance(cause, kind))
+        return _fail(code, cause)
     print("\nembedding finished")
     for line in summary.lines():
         print(f"  {line}")
@@ -99,8 +96,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
+    """The user-facing exception inside Ray's task-error wrappers."""
+    import ray.exceptions
+
+    while isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+        err = err.cause
     return err
 
 
