@@ -36,3 +36,6 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)

@@ -49,7 +49,10 @@ class ActorPoolConfig(BaseModel):
     gpus_per_actor: float = Field(0.0, ge=0)
     """1 on GPU clusters (one model per GPU); 0 runs the model on CPU."""
     cpus_per_actor: float = Field(1.0, gt=0)
-    """CPU cores reserved per actor; also torch's thread count on CPU."""
+    """CPU cores reserved per actor."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch's intra-op threads per actor; default: cpus_per_actor. More than reserved lets a CPU
+    actor use cores that light tokenize tasks share (a 2-core machine running both)."""
 
     @field_validator("max_actors")
     @classmethod

