@@ -13,7 +13,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SETTINGS = 2
 EXIT_NO_INPUT = 3
-EXIT_OUTPUT_EXISTS = 4
+EXIT_OUTPUT_CONFLICT = 4
 EXIT_MODEL = 5
 EXIT_BAD_INPUT = 6
 
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("input", nargs="?", help="folder, glob or URL of the input shards")
     embed.add_argument("output", nargs="?", help="folder or URL for the embeddings")
     embed.add_argument("--config", help="YAML settings file (flags override it)")
+    embed.add_argument(
+        "--overwrite", action="store_true", help="discard embeddings already in OUTPUT instead of resuming"
+    )
     for flag, key, options in EMBED_FLAGS:
         embed.add_argument(flag, dest=key, default=None, **options)
     return parser
@@ -67,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from pipeline.faults import arm_driver
     from pipeline.io.readers import BadInputError
     from pipeline.io.shards import NoInputError
-    from pipeline.job import OutputExistsError, run_embedding_job
+    from pipeline.job import InputChangedError, SettingsMismatchError, run_embedding_job
     from pipeline.model.checkpoint import CheckpointError
 
     overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
@@ -77,13 +81,15 @@ def _embed(args: argparse.Namespace) -> int:
     known_errors = {
         ConfigError: EXIT_BAD_SETTINGS,
         NoInputError: EXIT_NO_INPUT,
-        OutputExistsError: EXIT_OUTPUT_EXISTS,
+        SettingsMismatchError: EXIT_OUTPUT_CONFLICT,
+        InputChangedError: EXIT_OUTPUT_CONFLICT,
         CheckpointError: EXIT_MODEL,
         BadInputError: EXIT_BAD_INPUT,
     }
     try:
         config = load_config(args.config, overrides)
-        summary = run_embedding_job(config)
+        arm_driver()
+        summary = run_embedding_job(config, overwrite=args.overwrite)
     except tuple(known_errors) as err:
         # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
         cause = _root_cause(err)

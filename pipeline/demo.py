@@ -18,7 +18,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_MODEL, load_config
-from pipeline.job import RUN_RECORD, run_embedding_job
+from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.job import run_embedding_job
 from pipeline.model.checkpoint import CheckpointError, resolve_checkpoint
 
 RANDOM_MODEL_LABEL = "tiny randomly initialised NeoBERT (offline demo fallback; embeddings are meaningless)"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     summary = run_embedding_job(config)
-    table = pq.read_table(work / "embeddings")
+    table = pq.read_table(work / "embeddings" / PARTS)
     print(f"\ndemo finished with {label or model}")
     for line in summary.lines():
         print(f"  {line}")

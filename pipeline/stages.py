@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from pipeline.batching import pack_token_ids, plan_batches
 from pipeline.encoder import Encoder
+from pipeline.faults import failpoint
 from pipeline.tokenizer import TextTokenizer
 
 # One row per pack: documents laid back to back, ready for one forward pass.
@@ -108,6 +109,7 @@ class EmbedStage:
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     def _embed_pack(self, pack: pa.Table) -> pa.Table:
+        failpoint("embed")
         flat = pack.column("input_ids").chunk(0).flatten().to_numpy()
         cu_seqlens = pack.column("cu_seqlens").chunk(0).flatten().to_numpy()
         embeddings = self.encoder.embed_packed(flat, cu_seqlens, self.pooling, self.normalize)

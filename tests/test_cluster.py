@@ -57,5 +57,5 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
     summary = run_embedding_job(config)
     assert len(ray.nodes()) == 3
     assert len(summary.embed_nodes) >= 2, f"embedding ran on {summary.embed_nodes} only"
-    ids = pq.read_table(tmp_path / "out").column("id").to_pylist()
+    ids = pq.read_table(tmp_path / "out" / "parts").column("id").to_pylist()
     assert sorted(ids) == sorted(docs)

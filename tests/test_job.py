@@ -9,14 +9,19 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 
-from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_EXISTS, main
+from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_CONFLICT, main
 from pipeline.config import load_config
-from pipeline.job import RUN_RECORD, OutputExistsError, run_embedding_job
+from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.job import SettingsMismatchError, run_embedding_job
 
 
 def run(input_url: str, output_url: str, model, **settings):
     config = load_config(None, {"input": input_url, "output": output_url, "model": str(model), **settings})
     return run_embedding_job(config)
+
+
+def read_output(folder):
+    return pq.read_table(folder / PARTS)
 
 
 def assert_matches_encoder(table, docs_by_id: dict[str, str], encoder, **encode_options):
@@ -42,20 +47,22 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
         storage={"endpoint_url": s3_endpoint},
         tokens_per_batch=512,
     )
-    files = s3.find(f"{s3.bucket}/out")
-    table = pq.read_table([f for f in files if f.endswith(".parquet")], filesystem=s3)
+    table = pq.read_table(s3.find(f"{s3.bucket}/out/{PARTS}"), filesystem=s3)
     docs = {d["id"]: d["text"] for part in shards.values() for d in part}
     assert_matches_encoder(table, docs, tiny_encoder)
-    assert summary.documents == summary.rows_written == 360
+    assert summary.documents == summary.rows_committed == 360
+    assert not s3.exists(f"{s3.bucket}/out/_staging") or not s3.ls(f"{s3.bucket}/out/_staging")
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
     # shard and row point back at the exact input line
     for row in table.slice(0, 20).to_pylist():
         key = row["shard"].removeprefix(f"s3://{s3.bucket}/")
         assert shards[key][row["row"]]["id"] == row["id"]
     record = json.loads(s3.cat(f"{s3.bucket}/out/{RUN_RECORD}"))
-    assert record["model"]["weights_sha256"] and record["embedding"]["pooling"] == "cls"
-    assert [i["url"] for i in record["inputs"]] == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
-    assert all(i["fingerprint"].startswith("size=") and "etag=" in i["fingerprint"] for i in record["inputs"])
+    assert record["settings"]["model_weights_sha256"] == tiny_encoder.info.weights_sha256
+    assert record["settings"]["pooling"] == "cls" and record["settings"]["compute_dtype"] == "float32"
+    inputs = record["generations"][0]["inputs"]
+    assert [i["url"] for i in inputs] == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
+    assert all(i["fingerprint"].startswith("size=") and "etag=" in i["fingerprint"] for i in inputs)
 
 
 def test_parquet_input_without_ids_gets_stable_ids_and_loads_with_datasets(
@@ -69,13 +76,13 @@ def test_parquet_input_without_ids_gets_stable_ids_and_loads_with_datasets(
 
     import datasets
 
-    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train")
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / PARTS / "*.parquet"), split="train")
     assert loaded.num_rows == 120
     expected_ids = {f"one.parquet#{i}" for i in range(50)} | {f"sub/two.parquet#{i}" for i in range(70)}
     assert set(loaded["id"]) == expected_ids
     texts = {f"one.parquet#{i}": d["text"] for i, d in enumerate(first)}
     texts |= {f"sub/two.parquet#{i}": d["text"] for i, d in enumerate(second)}
-    table = pq.read_table(tmp_path / "out")
+    table = read_output(tmp_path / "out")
     assert_matches_encoder(table, texts, tiny_encoder, pooling="mean", normalize=True)
 
 
@@ -88,7 +95,7 @@ def test_text_and_zstd_jsonl_shards_with_long_documents_truncated(ray_local, tmp
     lines = [d["text"] for d in make_docs(30, seed=4, prefix="t")]
     (tmp_path / "in" / "b.txt").write_text("\n".join(lines) + "\n")
     run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, max_length=128, output_dtype="float16")
-    table = pq.read_table(tmp_path / "out")
+    table = read_output(tmp_path / "out")
     assert table.num_rows == 35
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: halffloat>[64]"
     encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", max_length=128)
@@ -119,12 +126,23 @@ def test_model_loads_from_an_s3_url(s3, s3_endpoint, tiny_checkpoint, tiny_encod
     np.testing.assert_array_equal(encoder.encode(texts), tiny_encoder.encode(texts))
 
 
-def test_output_that_already_holds_embeddings_is_refused(ray_local, tmp_path, tiny_checkpoint):
+def test_rerunning_a_finished_job_embeds_nothing(ray_local, tmp_path, tiny_checkpoint):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(5, seed=1, prefix="x")))
+    first = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
+    before = sorted(p.name for p in (tmp_path / "out" / PARTS).iterdir())
+    again = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
+    assert first.rows_committed == again.rows_committed == 5
+    assert again.already_complete and again.documents == 0
+    assert sorted(p.name for p in (tmp_path / "out" / PARTS).iterdir()) == before
+
+
+def test_resuming_with_other_settings_is_refused(ray_local, tmp_path, tiny_checkpoint):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(5, seed=1, prefix="x")))
     run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
-    with pytest.raises(OutputExistsError, match="already holds embeddings"):
-        run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint)
+    with pytest.raises(SettingsMismatchError, match="pooling: stored 'cls', now 'mean'.*--overwrite"):
+        run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, pooling="mean")
 
 
 def test_cli_embeds_and_reports_known_errors_with_exit_codes(ray_local, tmp_path, tiny_checkpoint, capsys):
@@ -133,13 +151,18 @@ def test_cli_embeds_and_reports_known_errors_with_exit_codes(ray_local, tmp_path
     out = str(tmp_path / "out")
     assert main(["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint), "--id-field", "id"]) == EXIT_OK
     assert "documents      8" in capsys.readouterr().out
-    assert pq.read_table(out).num_rows == 8
+    assert read_output(tmp_path / "out").num_rows == 8
 
     assert main(["embed", str(tmp_path / "nothing-here"), str(tmp_path / "o2"), "--model", str(tiny_checkpoint)]) == (
         EXIT_NO_INPUT
     )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint)]) == EXIT_OUTPUT_EXISTS
+    args = ["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint), "--id-field", "id"]
+    assert main(args) == EXIT_OK
+    assert "already complete: 8 rows" in capsys.readouterr().out
+    assert main([*args, "--normalize"]) == EXIT_OUTPUT_CONFLICT
+    assert "normalize: stored False, now True" in capsys.readouterr().err
+    assert main([*args, "--normalize", "--overwrite"]) == EXIT_OK
     config = tmp_path / "bad.yaml"
     config.write_text("input: x\noutput: y\npooling: max\nbatchsize: 3\n")
     assert main(["embed", "--config", str(config)]) == EXIT_BAD_SETTINGS

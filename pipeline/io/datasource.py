@@ -8,12 +8,13 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from pipeline.config import StorageConfig
+from pipeline.io.ranges import Range
 from pipeline.io.readers import ROW_SCHEMA, read_shard
 from pipeline.io.shards import Shard
 
 
 class ShardDatasource(Datasource):
-    """Reads JSONL / Parquet / text shards; a huge shard streams in bounded tables, not one block."""
+    """Reads JSONL / Parquet / text shards, leaving out committed rows; huge shards stream in bounded tables."""
 
     def __init__(
         self,
@@ -21,9 +22,12 @@ class ShardDatasource(Datasource):
         text_field: str,
         id_field: str | None,
         storage: StorageConfig,
-        on_shard_read: Callable[[Shard], None] | None = None,
+        *,
+        skip: dict[str, list[Range]] | None = None,
+        on_shard_read: Callable[[Shard, int], None] | None = None,
     ) -> None:
         self._shards = shards
+        self._skip = skip or {}
         self._text_field = text_field
         self._id_field = id_field
         self._storage = storage
@@ -43,16 +47,13 @@ class ShardDatasource(Datasource):
         ]
 
     def _reader(self, shard: Shard):
-        text_field, id_field, storage, on_shard_read = (
-            self._text_field,
-            self._id_field,
-            self._storage,
-            self._on_shard_read,
-        )
+        # Capture plain values, not self: the closure is shipped to a read task.
+        text_field, id_field, storage = self._text_field, self._id_field, self._storage
+        on_shard_read = self._on_shard_read
+        skip = self._skip.get(shard.url, [])
 
         def read():
-            yield from read_shard(shard, text_field, id_field, storage)
-            if on_shard_read is not None:
-                on_shard_read(shard)
+            on_end = (lambda rows: on_shard_read(shard, rows)) if on_shard_read else None
+            yield from read_shard(shard, text_field, id_field, storage, skip=skip, on_end=on_end)
 
         return read

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
+from pipeline.faults import failpoint
+from pipeline.io.ranges import Range, contains
 from pipeline.io.shards import Shard
 from pipeline.io.storage import filesystem_for
 
@@ -27,9 +29,20 @@ class BadInputError(ValueError):
 
 
 def read_shard(
-    shard: Shard, text_field: str, id_field: str | None, storage: StorageConfig, rows_per_table: int = 8192
+    shard: Shard,
+    text_field: str,
+    id_field: str | None,
+    storage: StorageConfig,
+    *,
+    skip: list[Range] = (),
+    rows_per_table: int = 8192,
+    on_end: Callable[[int], None] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield tables of at most rows_per_table rows, rows numbered from 0 in shard order."""
+    """Yield tables of at most rows_per_table rows, rows numbered from 0 in shard order.
+
+    Rows in skip (sorted, merged ranges: already committed) are counted but not emitted; on_end
+    gets the shard's row count once the whole shard has been read.
+    """
     fs, path = filesystem_for(shard.url, storage)
     if shard.format == "parquet":
         records = _parquet_records(fs, path, shard, text_field, id_field, rows_per_table)
@@ -40,15 +53,21 @@ def read_shard(
     else:
         raise ValueError(f"unknown format {shard.format!r} for {shard.url}")
     ids, texts, rows = [], [], []
+    row = -1
     for row, (doc_id, text) in enumerate(records):
+        if skip and contains(skip, row):
+            continue
         ids.append(doc_id if doc_id is not None else f"{shard.relative_path}#{row}")
         texts.append(text)
         rows.append(row)
         if len(rows) == rows_per_table:
             yield _table(ids, texts, shard, rows)
+            failpoint("read")
             ids, texts, rows = [], [], []
     if rows:
         yield _table(ids, texts, shard, rows)
+    if on_end is not None:
+        on_end(row + 1)
 
 
 def _table(ids: list[str], texts: list[str], shard: Shard, rows: list[int]) -> pa.Table:
