@@ -37,7 +37,7 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--max-actors", "actors.max_actors", dict(type=int)),
     ("--gpus-per-actor", "actors.gpus_per_actor", dict(type=float)),
     ("--cpus-per-actor", "actors.cpus_per_actor", dict(type=float)),
-    ("--target-file-mb", "target_file_mb", dict(type=int)),
+    ("--target-file-mb", "target_file_mb", dict(type=float)),
     ("--endpoint-url", "storage.endpoint_url", dict(help="S3-compatible endpoint (MinIO, ...)")),
     ("--anon", "storage.anon", dict(action="store_const", const=True, help="anonymous object storage access")),
     ("--ray-address", "ray_address", dict(help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")),
@@ -57,7 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="discard embeddings already in OUTPUT instead of resuming"
     )
     for flag, key, options in EMBED_FLAGS:
+        if options.get("action") != "store_const" and "choices" not in options:
+            options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
         embed.add_argument(flag, dest=key, default=None, **options)
+    for name, help_text in (
+        ("verify", "check that every input row is in OUTPUT exactly once (exit 0 only if so)"),
+        ("status", "show how far the job writing OUTPUT got"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("output", help="the job's output folder or URL")
+        command.add_argument("--endpoint-url", help="S3-compatible endpoint")
+        command.add_argument("--anon", action="store_true", help="anonymous object storage access")
+        if name == "verify":
+            command.add_argument("--skip-inputs", action="store_true", help="do not re-list the inputs")
     return parser
 
 
@@ -66,7 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "embed":
         return _embed(args)
-    return EXIT_BAD_SETTINGS
+    return _inspect(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.config import StorageConfig
+    from pipeline.verify import output_status, verify_output
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url, anon=args.anon)
+    if args.command == "status":
+        print("\n".join(output_status(args.output, storage)))
+        return EXIT_OK
+    report = verify_output(args.output, storage, check_inputs=not args.skip_inputs)
+    for fact in report.facts:
+        print(f"ok       {fact}")
+    for problem in report.problems:
+        print(f"PROBLEM  {problem}")
+    print("verify: all guarantees hold" if report.ok else f"verify: {len(report.problems)} problems")
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _embed(args: argparse.Namespace) -> int:

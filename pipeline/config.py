@@ -101,7 +101,7 @@ class JobConfig(BaseModel):
     """Rows tokenized and length-sorted together before packing."""
     actors: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     """The embedding actor pool."""
-    target_file_mb: int = Field(256, ge=1)
+    target_file_mb: float = Field(256, gt=0)
     """Approximate size of each output Parquet file."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Object storage settings for input, output and model URLs."""

@@ -2,7 +2,8 @@
 
 Inactive unless NEOBERT_PIPELINE_FAILPOINT names the point. Then the first process to reach it
 (the first only, when NEOBERT_PIPELINE_FAILPOINT_ONCE names a marker file) kills the driver whose
-pid is in NEOBERT_PIPELINE_DRIVER_PID, if any, and then itself with SIGKILL: no cleanup runs.
+pid is in NEOBERT_PIPELINE_DRIVER_PID (0: none, only this worker dies), then itself with SIGKILL:
+no cleanup runs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def failpoint(name: str) -> None:
         except FileExistsError:
             return  # already fired once
     driver = os.environ.get(ENV_DRIVER_PID)
-    if driver and int(driver) != os.getpid():
+    if driver and int(driver) not in (0, os.getpid()):
         os.kill(int(driver), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -183,7 +183,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     if overwrite:
         _remove_output(out_fs, out_root)
     model = inspect_model(config)
-    record = _start_run_record(out_fs, out_root, embedding_settings(config, model), shards)
+    record = _start_run_record(out_fs, out_root, embedding_settings(config, model), config.input, shards)
     generation = len(record["generations"]) - 1
 
     state = recover(out_fs, out_root)
@@ -279,7 +279,7 @@ def _shard_complete(shard: Shard, shards_done: dict[str, ShardDone], committed) 
 
 def _rows_per_part(config: JobConfig, model: ModelFacts) -> int:
     bytes_per_row = model.hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
-    return max(1, config.target_file_mb * 2**20 // bytes_per_row)
+    return max(1, int(config.target_file_mb * 2**20 // bytes_per_row))
 
 
 def _summary(config, shards, state, started: float, counters: dict | None, rows_before: int = 0) -> JobSummary:
@@ -303,7 +303,7 @@ def _summary(config, shards, state, started: float, counters: dict | None, rows_
     )
 
 
-def _start_run_record(fs, root: str, settings: dict, shards: list[Shard]) -> dict:
+def _start_run_record(fs, root: str, settings: dict, input_url: str, shards: list[Shard]) -> dict:
     """Create the run record, or check a resumed run against it and add new shards as a generation."""
     path = join(root, RUN_RECORD)
     inputs = [{"url": s.url, "format": s.format, "fingerprint": s.fingerprint} for s in shards]
@@ -311,7 +311,7 @@ def _start_run_record(fs, root: str, settings: dict, shards: list[Shard]) -> dic
         record = {
             "pipeline_version": pipeline.__version__,
             "settings": settings,
-            "generations": [{"generation": 0, "inputs": inputs}],
+            "generations": [{"generation": 0, "input": input_url, "inputs": inputs}],
             "runs": [],
         }
         atomic_write(fs, path, json.dumps(record, indent=2).encode())
@@ -337,7 +337,7 @@ def _start_run_record(fs, root: str, settings: dict, shards: list[Shard]) -> dic
         )
     new = [i for i in inputs if i["url"] not in known]
     if new:
-        record["generations"].append({"generation": len(record["generations"]), "inputs": new})
+        record["generations"].append({"generation": len(record["generations"]), "input": input_url, "inputs": new})
         atomic_write(fs, path, json.dumps(record, indent=2).encode())
         log.info("%d new shards since the last run: generation %d", len(new), len(record["generations"]) - 1)
     return record

@@ -66,6 +66,7 @@ def read_shard(
             ids, texts, rows = [], [], []
     if rows:
         yield _table(ids, texts, shard, rows)
+        failpoint("read")
     if on_end is not None:
         on_end(row + 1)
 

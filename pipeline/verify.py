@@ -1,0 +1,181 @@
+"""`verify` proves an output's guarantees against its inputs; `status` shows how far a job got."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import StorageConfig
+from pipeline.io.manifest import PARTS, RUN_RECORD, join, read_state
+from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
+from pipeline.io.shards import shard_fingerprint
+from pipeline.io.sink import ranges_of
+from pipeline.io.storage import filesystem_for
+from pipeline.stages import output_schema
+
+MAX_LISTED = 5
+
+
+@dataclass
+class VerifyReport:
+    """Problems break a guarantee; facts describe what was checked."""
+
+    problems: list[str] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_output(output_url: str, storage: StorageConfig | None = None, *, check_inputs: bool = True) -> VerifyReport:
+    """Every input row exactly once in committed parts; no orphans; the schema the run record names."""
+    storage = storage or StorageConfig()
+    report = VerifyReport()
+    fs, root = filesystem_for(output_url, storage)
+    if not fs.exists(join(root, RUN_RECORD)):
+        report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
+        return report
+    record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
+    state = read_state(fs, root)
+    committed_parts = {c.part for c in state.commits}
+
+    unpublished = sorted(committed_parts - state.published)
+    if unpublished:
+        report.problems.append(f"{len(unpublished)} committed parts not yet published (an interrupted run; re-run)")
+    orphans = sorted(state.published - committed_parts)
+    if orphans:
+        report.problems.append(f"{len(orphans)} parts without a commit record: {_first(orphans)}")
+    uncommitted = sorted(state.staged - committed_parts) + state.leftovers
+    if uncommitted:
+        report.problems.append(
+            f"{len(uncommitted)} uncommitted leftovers from an interrupted run (a re-run removes them)"
+        )
+
+    # Each committed part holds exactly the rows its record names, in the recorded schema.
+    ids_by_generation: dict[int, Counter] = {}
+    settings = record["settings"]
+    expected_schema = output_schema(settings["hidden_size"], settings["output_dtype"])
+    for commit in state.commits:
+        if commit.part not in state.published:
+            continue
+        table = pq.read_table(fs.open(join(root, PARTS, f"{commit.part}.parquet"), "rb"))
+        actual, expected = _schema_shape(table.schema), _schema_shape(expected_schema)
+        if actual != expected:
+            report.problems.append(f"part {commit.part} has columns {actual}, expected {expected}")
+        if table.num_rows != commit.rows or ranges_of(table) != commit.ranges:
+            report.problems.append(f"part {commit.part} does not hold the rows its commit record names")
+        ids_by_generation.setdefault(commit.generation, Counter()).update(table.column("id").to_pylist())
+    for generation, ids in sorted(ids_by_generation.items()):
+        repeated = [i for i, n in ids.items() if n > 1]
+        if repeated:
+            report.problems.append(
+                f"generation {generation}: {len(repeated)} ids appear more than once: {_first(repeated)}"
+            )
+
+    # Inputs: every row of every shard committed exactly once.
+    by_shard: dict[str, list] = {}
+    for commit in state.commits:
+        for url, ranges in commit.ranges.items():
+            by_shard.setdefault(url, []).extend(ranges)
+    inputs = [i for g in record["generations"] for i in g["inputs"]]
+    total_rows = 0
+    for shard in inputs:
+        url = shard["url"]
+        doubled = overlaps(by_shard.get(url, []))
+        if doubled:
+            report.problems.append(f"{url}: rows {_ranges(doubled)} committed more than once")
+        done = state.shards_done.get(url)
+        if done is None:
+            report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
+            continue
+        total_rows += done.rows
+        gaps = missing(merge_ranges(by_shard.get(url, [])), done.rows)
+        if gaps:
+            report.problems.append(f"{url}: {count_rows(gaps)} of {done.rows} rows missing, rows {_ranges(gaps)}")
+        if done.fingerprint != shard["fingerprint"]:
+            report.problems.append(f"{url}: read with fingerprint {done.fingerprint}, recorded {shard['fingerprint']}")
+    unknown = sorted(set(by_shard) - {i["url"] for i in inputs})
+    if unknown:
+        report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
+    if check_inputs:
+        _check_fingerprints(inputs, storage, report)
+
+    report.facts.append(
+        f"{state.committed_rows:,} rows in {len(state.commits)} committed parts; "
+        f"{len(inputs)} input shards with {total_rows:,} rows read; {len(record['generations'])} generations"
+    )
+    return report
+
+
+def _check_fingerprints(inputs: list[dict], storage: StorageConfig, report: VerifyReport) -> None:
+    changed = []
+    for shard in inputs:
+        fs, path = filesystem_for(shard["url"], storage)
+        try:
+            now = shard_fingerprint(fs.info(path))
+        except FileNotFoundError:
+            report.facts.append(f"{shard['url']}: no longer exists (its embeddings stay)")
+            continue
+        if now != shard["fingerprint"]:
+            changed.append(shard["url"])
+    if changed:
+        report.problems.append(f"{len(changed)} input shards changed since they were embedded: {_first(changed)}")
+    else:
+        report.facts.append("input fingerprints unchanged")
+
+
+def output_status(output_url: str, storage: StorageConfig | None = None) -> list[str]:
+    """A few lines on how far the job writing this output got."""
+    fs, root = filesystem_for(output_url, storage or StorageConfig())
+    if not fs.exists(join(root, RUN_RECORD)):
+        return [f"{output_url}: no run record; no job has started writing here"]
+    record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
+    state = read_state(fs, root)
+    inputs = [i for g in record["generations"] for i in g["inputs"]]
+    committed = state.committed_ranges()
+    complete = [
+        i
+        for i in inputs
+        if (done := state.shards_done.get(i["url"])) and committed.get(i["url"], []) == [(0, done.rows)][: done.rows]
+    ]
+    rows_known = sum(d.rows for d in state.shards_done.values())
+    lines = [
+        f"output      {output_url}",
+        f"model       {record['settings']['model_source']} ({record['settings']['model_weights_sha256'][:12]})",
+        f"rows        {state.committed_rows:,} committed"
+        + (f" of {rows_known:,} in shards read so far" if rows_known else ""),
+        f"shards      {len(complete)} of {len(inputs)} complete, {len(state.shards_done)} read to the end",
+        f"parts       {len(state.commits)} committed, {len(state.staged | set(state.leftovers))} uncommitted leftovers",
+        "errors      not recorded by this version (bad input stops the job with its file and row)",
+    ]
+    if record.get("runs"):
+        last = record["runs"][-1]
+        lines.append(f"last run    {last['documents']:,} documents in {last['wall_s']:.0f}s, finished")
+    elif state.commits:
+        lines.append("last run    unfinished (stopped or still running)")
+    return lines
+
+
+def _schema_shape(schema: pa.Schema) -> list[tuple]:
+    """Column names and types, ignoring the name of a list's child field (Parquet writers differ)."""
+    shape = []
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type):
+            shape.append((f.name, f"fixed_size_list<{f.type.value_type}>[{f.type.list_size}]"))
+        else:
+            shape.append((f.name, str(f.type)))
+    return shape
+
+
+def _first(items: list) -> str:
+    shown = ", ".join(str(i) for i in items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def _ranges(ranges: list) -> str:
+    return _first([f"{s}-{e - 1}" if e - s > 1 else str(s) for s, e in ranges])
