@@ -189,3 +189,18 @@ def test_unreadable_row_stops_the_job_with_file_and_row_in_one_line(ray_local, t
     assert code == EXIT_BAD_INPUT
     ours = [line for line in err if line.startswith("error: ")]
     assert len(ours) == 1 and "broken.jsonl row 4: not valid JSON" in ours[0]
+
+
+def test_rerun_of_a_finished_10k_document_job_embeds_nothing(ray_local, tmp_path, tiny_checkpoint):
+    import time
+
+    (tmp_path / "in").mkdir()
+    for shard in range(10):
+        docs = make_docs(1000, seed=100 + shard, prefix=f"k{shard}", max_words=12)
+        (tmp_path / "in" / f"part-{shard}.jsonl.gz").write_bytes(jsonl_bytes(docs, "gz"))
+    first = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id", tokens_per_batch=4096)
+    assert first.rows_committed == 10_000
+    started = time.monotonic()
+    again = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id")
+    print(f"re-run of a finished 10,000-document job took {time.monotonic() - started:.2f}s")
+    assert again.already_complete and again.documents == 0 and again.rows_committed == 10_000
