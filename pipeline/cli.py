@@ -16,6 +16,7 @@ EXIT_NO_INPUT = 3
 EXIT_OUTPUT_CONFLICT = 4
 EXIT_MODEL = 5
 EXIT_BAD_INPUT = 6
+EXIT_STORAGE_UNREACHABLE = 7
 
 # flag -> dotted config key; a flag left out keeps the config file's (or the default) value.
 EMBED_FLAGS: list[tuple[str, str, dict]] = [
@@ -116,6 +117,12 @@ def _embed(args: argparse.Namespace) -> int:
         BadInputError: EXIT_BAD_INPUT,
     }
     try:
+        from botocore.exceptions import EndpointConnectionError
+
+        known_errors[EndpointConnectionError] = EXIT_STORAGE_UNREACHABLE
+    except ImportError:  # no S3 support installed, so no S3 errors either
+        pass
+    try:
         config = load_config(args.config, overrides)
         arm_driver()
         summary = run_embedding_job(config, overwrite=args.overwrite)
@@ -123,6 +130,8 @@ def _embed(args: argparse.Namespace) -> int:
         # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
         cause = _root_cause(err)
         code = next(code for kind, code in known_errors.items() if isinstance(cause, kind))
+        if code == EXIT_STORAGE_UNREACHABLE:
+            return _fail(code, f"{cause}; committed work is kept: re-run the same command once storage answers")
         return _fail(code, cause)
     print("\nembedding finished")
     for line in summary.lines():
@@ -139,7 +148,7 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _fail(code: int, err: BaseException) -> int:
+def _fail(code: int, err: BaseException | str) -> int:
     print(f"error: {err}", file=sys.stderr)
     return code
 

@@ -24,6 +24,8 @@ class StorageConfig(BaseModel):
     """S3-compatible endpoint (MinIO, Ceph, a test server); None for AWS itself."""
     anon: bool = False
     """Read public buckets without credentials."""
+    max_attempts: int = Field(8, ge=1)
+    """S3 requests are retried with exponential backoff (botocore's standard mode) up to this many tries."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Further fsspec filesystem options, passed as they are (e.g. {"requester_pays": true})."""
 
@@ -34,6 +36,10 @@ class StorageConfig(BaseModel):
                 options["endpoint_url"] = self.endpoint_url
             if self.anon:
                 options["anon"] = True
+            # Outages of the endpoint are ridden out by botocore's retries (and s3fs's own, around them).
+            options.setdefault("config_kwargs", {}).setdefault(
+                "retries", {"max_attempts": self.max_attempts, "mode": "standard"}
+            )
         return options
 
 

@@ -100,3 +100,107 @@ def test_an_embedding_actor_killed_mid_job_is_replaced_and_the_job_finishes(
     code = embed(input_dir, out, tiny_checkpoint, failpoint="embed", target="worker", once=tmp_path / "fired")
     assert (tmp_path / "fired").exists() and code == 0
     assert_complete_and_correct(out, docs, tiny_encoder)
+
+
+@pytest.fixture()
+def flaky_s3(s3, s3_endpoint):
+    """The test S3 server behind a proxy that the test can take down and bring back."""
+    from tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    yield s3, proxy
+    proxy.stop()
+
+
+def _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s: float | None, max_attempts: int):
+    """Run the job into S3 through the proxy; take the endpoint down after the first commit."""
+    import threading
+
+    from pipeline.config import load_config
+    from pipeline.job import run_embedding_job
+
+    s3, proxy = flaky_s3
+    input_dir, _ = corpus
+    config = load_config(
+        None,
+        {
+            "input": str(input_dir),
+            "output": f"s3://{s3.bucket}/out",
+            "model": str(tiny_checkpoint),
+            "id_field": "id",
+            "tokens_per_batch": 512,
+            "rows_per_tokenize_batch": 64,
+            "target_file_mb": 0.03,
+            "storage": {"endpoint_url": proxy.url, "max_attempts": max_attempts},
+        },
+    )
+    went_down = threading.Event()
+
+    def outage():
+        for _ in range(1200):  # bounded: ~60 s
+            s3.invalidate_cache()
+            if s3.exists(f"{s3.bucket}/out/{COMMITS}") and s3.ls(f"{s3.bucket}/out/{COMMITS}", refresh=True):
+                proxy.stop()
+                went_down.set()
+                if outage_s is not None:
+                    threading.Event().wait(outage_s)
+                    proxy.start()
+                return
+            threading.Event().wait(0.05)
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        return run_embedding_job(config), config
+    finally:
+        thread.join(timeout=30)
+        assert went_down.is_set(), "the endpoint went down mid-write"
+
+
+@pytest.mark.timeout(300)
+def test_s3_endpoint_down_for_seconds_mid_write_is_ridden_out_by_retries(
+    ray_local, flaky_s3, corpus, tiny_checkpoint, tiny_encoder
+):
+    s3, proxy = flaky_s3
+    _, docs = corpus
+    summary, config = _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s=3.0, max_attempts=10)
+    assert summary.rows_committed == len(docs)
+    report = verify_output(config.output, config.storage)
+    assert report.ok, report.problems
+
+
+@pytest.mark.timeout(300)
+def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
+    ray_local, flaky_s3, corpus, tiny_checkpoint, tiny_encoder
+):
+    s3, proxy = flaky_s3
+    _, docs = corpus
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.cli import _root_cause
+
+    with pytest.raises(EndpointConnectionError) as failure:
+        _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s=None, max_attempts=2)
+    assert f'Could not connect to the endpoint URL: "{proxy.url}' in str(_root_cause(failure.value))
+    proxy.start()
+    from pipeline.config import load_config
+    from pipeline.job import run_embedding_job
+
+    config = load_config(
+        None,
+        {
+            "input": str(corpus[0]),
+            "output": f"s3://{s3.bucket}/out",
+            "model": str(tiny_checkpoint),
+            "id_field": "id",
+            "storage": {"endpoint_url": proxy.url},
+        },
+    )
+    # Nothing half-committed: every commit record names a part that holds exactly its rows.
+    interrupted = verify_output(config.output, config.storage)
+    assert not any("does not hold" in p or "without a commit" in p for p in interrupted.problems)
+    run_embedding_job(config)
+    report = verify_output(config.output, config.storage)
+    assert report.ok, report.problems
+    assert pq.read_table(s3.find(f"{s3.bucket}/out/{PARTS}"), filesystem=s3).num_rows == len(docs)

@@ -168,6 +168,8 @@ def write_shard_done(fs: fsspec.AbstractFileSystem, root: str, done: ShardDone) 
 
 
 def _list(fs: fsspec.AbstractFileSystem, folder: str, suffix: str) -> list[str]:
+    # Never trust a cached listing: other processes commit while this one runs.
+    fs.invalidate_cache(folder)
     try:
         return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(suffix))
     except FileNotFoundError:
