@@ -127,7 +127,7 @@ def inspect_model(config: JobConfig) -> ModelFacts:
         weights_sha256=sha256_of_file(folder / "model.safetensors"),
         hidden_size=model_config.hidden_size,
         max_length=max_length,
-        tokenizer_json=tokenizer._tokenizer.to_str(),
+        tokenizer_json=tokenizer.to_json(),
     )
 
 
@@ -188,7 +188,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
 
     state = recover(out_fs, out_root)
     committed = state.committed_ranges()
-    todo = [s for s in shards if not _shard_complete(s, state.shards_done, committed)]
+    todo = [s for s in shards if not state.shard_complete(s.url, committed)]
     rows_before = state.committed_rows
     if not todo:
         log.info("%s is complete: %d rows committed; nothing to embed", config.output, rows_before)
@@ -270,11 +270,6 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, generati
         num_cpus=config.actors.cpus_per_actor,
         num_gpus=config.actors.gpus_per_actor,
     )
-
-
-def _shard_complete(shard: Shard, shards_done: dict[str, ShardDone], committed) -> bool:
-    done = shards_done.get(shard.url)
-    return done is not None and committed.get(shard.url, []) == ([(0, done.rows)] if done.rows else [])
 
 
 def _rows_per_part(config: JobConfig, model: ModelFacts) -> int:

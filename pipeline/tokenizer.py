@@ -44,6 +44,10 @@ class TextTokenizer:
             return cls(bert_uncased_wordpiece(folder / "vocab.txt"), max_length)
         raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.txt")
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text, to rebuild it in worker processes."""
+        return self._tokenizer.to_str()
+
     def token_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)
         if token_id is None:

@@ -138,11 +138,7 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> list
     state = read_state(fs, root)
     inputs = [i for g in record["generations"] for i in g["inputs"]]
     committed = state.committed_ranges()
-    complete = [
-        i
-        for i in inputs
-        if (done := state.shards_done.get(i["url"])) and committed.get(i["url"], []) == [(0, done.rows)][: done.rows]
-    ]
+    complete = [i for i in inputs if state.shard_complete(i["url"], committed)]
     rows_known = sum(d.rows for d in state.shards_done.values())
     lines = [
         f"output      {output_url}",

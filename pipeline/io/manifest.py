@@ -119,6 +119,14 @@ class OutputState:
                 by_shard.setdefault(url, []).extend(ranges)
         return {url: merge_ranges(ranges) for url, ranges in by_shard.items()}
 
+    def shard_complete(self, url: str, committed: dict[str, list[Range]] | None = None) -> bool:
+        """Read to its end, and every one of its rows committed (pass committed_ranges() to reuse it)."""
+        done = self.shards_done.get(url)
+        if done is None:
+            return False
+        committed = self.committed_ranges() if committed is None else committed
+        return committed.get(url, []) == ([(0, done.rows)] if done.rows else [])
+
     @property
     def committed_rows(self) -> int:
         return sum(c.rows for c in self.commits)
