@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,3 +124,22 @@ def ray_local(tmp_path_factory):
             object_store_memory=300 * 2**20,
         )
     return ray
+
+
+def after_first_commit(fs, commits_dir: str, action, timeout_s: float = 60) -> tuple[threading.Thread, threading.Event]:
+    """Run action() in a thread as soon as commits_dir holds a commit record; the event says it ran."""
+    done = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            fs.invalidate_cache(commits_dir)
+            if fs.exists(commits_dir) and fs.ls(commits_dir):
+                action()
+                done.set()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, done

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import after_first_commit
 from corpus import jsonl_bytes, make_docs
 from ray.cluster_utils import Cluster
 
@@ -65,7 +66,7 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
 @pytest.mark.timeout(300)
 def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(cluster, tmp_path, tiny_checkpoint):
     """The job finishes, or fails cleanly and a re-run finishes; verify passes either way."""
-    import threading
+    from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.io.manifest import COMMITS
     from pipeline.verify import verify_output
@@ -87,19 +88,9 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(cluster, tmp
         "actors": {"min_actors": 2, "max_actors": 2},
     }
     victim = cluster.list_all_nodes()[-1]
-    removed = threading.Event()
-
-    def remove_worker_after_first_commit():
-        commits = tmp_path / "out" / COMMITS
-        for _ in range(1200):  # bounded: at most ~60 s of polling
-            if commits.exists() and any(commits.iterdir()):
-                cluster.remove_node(victim)
-                removed.set()
-                return
-            threading.Event().wait(0.05)
-
-    remover = threading.Thread(target=remove_worker_after_first_commit, daemon=True)
-    remover.start()
+    remover, removed = after_first_commit(
+        LocalFileSystem(), str(tmp_path / "out" / COMMITS), lambda: cluster.remove_node(victim)
+    )
     try:
         run_embedding_job(load_config(None, settings))
     except Exception as err:  # a clean failure is allowed; the re-run below must finish the job

@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import after_first_commit
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.io.manifest import COMMITS, PARTS
@@ -115,8 +117,6 @@ def flaky_s3(s3, s3_endpoint):
 
 def _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s: float | None, max_attempts: int):
     """Run the job into S3 through the proxy; take the endpoint down after the first commit."""
-    import threading
-
     from pipeline.config import load_config
     from pipeline.job import run_embedding_job
 
@@ -135,22 +135,14 @@ def _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s: flo
             "storage": {"endpoint_url": proxy.url, "max_attempts": max_attempts},
         },
     )
-    went_down = threading.Event()
 
     def outage():
-        for _ in range(1200):  # bounded: ~60 s
-            s3.invalidate_cache()
-            if s3.exists(f"{s3.bucket}/out/{COMMITS}") and s3.ls(f"{s3.bucket}/out/{COMMITS}", refresh=True):
-                proxy.stop()
-                went_down.set()
-                if outage_s is not None:
-                    threading.Event().wait(outage_s)
-                    proxy.start()
-                return
-            threading.Event().wait(0.05)
+        proxy.stop()
+        if outage_s is not None:
+            time.sleep(outage_s)
+            proxy.start()
 
-    thread = threading.Thread(target=outage, daemon=True)
-    thread.start()
+    thread, went_down = after_first_commit(s3, f"{s3.bucket}/out/{COMMITS}", outage)
     try:
         return run_embedding_job(config), config
     finally:
