@@ -1,9 +1,10 @@
 """The usual way NeoBERT is run, re-implemented for comparison: the model card's usage pattern.
 
 Fixed-size batches in input order, each padded to its longest text, a dense (batch x heads x len x len)
-additive mask, RoPE over padded positions: what `AutoModel.from_pretrained(..., trust_remote_code=True)`
-followed by `model(**tokenizer(batch, padding=True, return_tensors="pt"))` computes. It reuses the
-weights of a loaded pipeline model so both sides run the same numbers.
+boolean mask materialised per batch (as the remote code's repeat() does), RoPE over padded
+positions: what `AutoModel.from_pretrained(..., trust_remote_code=True)` followed by
+`model(**tokenizer(batch, padding=True, return_tensors="pt"))` computes. It reuses the weights of a
+loaded pipeline model so both sides run the same numbers.
 """
 
 from __future__ import annotations
@@ -20,17 +21,14 @@ def padded_forward(model: NeoBERT, input_ids: torch.Tensor, attention_mask: torc
     B, L = input_ids.shape
     H = model.config.num_attention_heads
     D = model.config.head_dim
-    # (B, L) 1/0 -> additive (B, H, L, L), as the remote code expands it.
-    additive = torch.zeros(B, L, dtype=model.tok_embeddings.weight.dtype, device=input_ids.device)
-    additive = additive.masked_fill(attention_mask == 0, float("-inf"))
-    # The remote code materialises this with .repeat(); a broadcast view computes the same, in less memory.
-    mask = additive[:, None, None, :].expand(B, H, L, L)
-    cos, sin = model.rope_cos[:L], model.rope_sin[:L]
+    # As the remote code does: (B, L) -> (B, H, L, L), materialised with repeat() and passed as bool.
+    mask = attention_mask[:, None, None, :].repeat(1, H, L, 1).bool()
+    rotations = model.rope_rotations(input_ids.device)[:L].repeat(B, 1)  # (B*L, D/2)
     x = model.tok_embeddings(input_ids)  # (B, L, C)
     for layer in model.layers:
         q, k, v = layer.qkv(layer.attention_norm(x)).view(B, L, H, 3 * D).chunk(3, dim=-1)
-        q = apply_rope(q.reshape(B * L, H, D), cos.repeat(B, 1), sin.repeat(B, 1)).view(B, L, H, D)
-        k = apply_rope(k.reshape(B * L, H, D), cos.repeat(B, 1), sin.repeat(B, 1)).view(B, L, H, D)
+        q = apply_rope(q.reshape(B * L, H, D), rotations).view(B, L, H, D)
+        k = apply_rope(k.reshape(B * L, H, D), rotations).view(B, L, H, D)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         x = x + layer.wo(attn.transpose(1, 2).reshape(B, L, H * D))
         x = x + layer.ffn(layer.ffn_norm(x))

@@ -93,7 +93,7 @@ def timed(fn, device: torch.device):
     return result, time.perf_counter() - start
 
 
-def run_job(texts: list[str], model_dir: Path, work: Path, device: str, threads: int) -> tuple[float, float, int]:
+def run_job(texts: list[str], model_dir: Path, work: Path, device: str, threads: int):
     import ray
 
     from pipeline.config import load_config
@@ -121,7 +121,7 @@ def run_job(texts: list[str], model_dir: Path, work: Path, device: str, threads:
     )
     summary = run_embedding_job(config)
     ray.shutdown()
-    return summary.tokens / summary.wall_s, summary.documents / summary.wall_s, summary.rows_written
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if not args.skip_job:
         torch_threads = os.cpu_count() if device.type == "cpu" else 1
-        job_tps, job_dps, written = run_job(texts, model_dir, work / "job", device.type, torch_threads)
-        assert written == len(texts), f"job wrote {written} rows for {len(texts)} documents"
+        job = run_job(texts, model_dir, work / "job", device.type, torch_threads)
+        assert job.rows_committed == len(texts), f"job wrote {job.rows_committed} rows for {len(texts)} documents"
+        job_tps, job_dps = job.tokens / job.wall_s, job.documents / job.wall_s
     print(f"\n{'':26}{'tokens/s':>12}{'docs/s':>10}{'padding':>10}{'model FLOP/s':>15}{'of matmul':>11}")
     for name, seconds, waste in rows:
         achieved = flops / seconds
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_job:
         achieved = job_tps / lengths.sum() * flops
         print(
-            f"{'(c) job on local Ray':26}{job_tps:>12,.0f}{job_dps:>10,.1f}{0.0:>10.1%}"
+            f"{'(c) job on local Ray':26}{job_tps:>12,.0f}{job_dps:>10,.1f}{job.padding_waste:>10.1%}"
             f"{achieved / 1e9:>11,.1f} G/s{achieved / rate:>11.0%}"
         )
     print(f"\nsame embeddings in (a) and (b): min cosine {cosine.min():.6f}")

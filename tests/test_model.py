@@ -15,7 +15,7 @@ from pipeline import Encoder
 from pipeline.model import PRESETS, NeoBERTConfig
 from pipeline.model.attention import available_attention
 from pipeline.model.checkpoint import CheckpointError, load_neobert
-from pipeline.model.neobert import apply_rope, positions_from_cu_seqlens, rope_tables
+from pipeline.model.neobert import apply_rope, positions_from_cu_seqlens, rope_rotations
 from pipeline.model.state_dict_adapter import CheckpointKeyError
 
 ATTENTION_HERE = available_attention(
@@ -159,8 +159,9 @@ def test_normalize_and_float16_output(tiny_encoder):
 
 def test_rope_rotates_consecutive_pairs_like_complex_numbers():
     x = torch.randn(10, 3, 8, dtype=torch.float64)
-    cos, sin = rope_tables(8, 10, 10000.0)
-    ours = apply_rope(x.float(), cos, sin).double()
+    rotations = rope_rotations(8, 10, 10000.0)
+    ours = apply_rope(x.float(), rotations).double()
+    cos, sin = rotations.real, rotations.imag
     torch.testing.assert_close(ours, rope_complex(x, 10000.0), atol=1e-5, rtol=1e-5)
     # The rotate-half convention pairs x[i] with x[i + D/2] instead, and gives another answer.
     cos_full, sin_full = torch.cat([cos, cos], -1)[:, None].double(), torch.cat([sin, sin], -1)[:, None].double()

@@ -100,9 +100,14 @@ class NeoBERT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        cos, sin = rope_tables(config.head_dim, config.max_length, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Not a buffer: Module.to(dtype) would drop the imaginary part, or round it to bf16.
+        self._rope_rotations = rope_rotations(config.head_dim, config.max_length, config.rope_theta)
+
+    def rope_rotations(self, device: torch.device) -> torch.Tensor:
+        """The complex64 RoPE table (max_length, head_dim/2), on device."""
+        if self._rope_rotations.device != device:
+            self._rope_rotations = self._rope_rotations.to(device)
+        return self._rope_rotations
 
     def forward(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, attention: AttentionFn
@@ -111,11 +116,10 @@ class NeoBERT(nn.Module):
         if max_seqlen > self.config.max_length:
             raise ValueError(f"a document of {max_seqlen} tokens exceeds max_length {self.config.max_length}")
         positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])  # (T,), restart per document
-        cos = self.rope_cos[positions]  # (T, head_dim/2)
-        sin = self.rope_sin[positions]
+        rotations = self.rope_rotations(input_ids.device)[positions]  # (T, head_dim/2) complex64
         x = self.tok_embeddings(input_ids)  # (T, C)
         for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, attention)
+            x = layer(x, rotations, cu_seqlens, max_seqlen, attention)
         return self.norm(x)
 
 
@@ -135,8 +139,7 @@ class EncoderBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotations: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         attention: AttentionFn,
@@ -144,7 +147,7 @@ class EncoderBlock(nn.Module):
         T, C = x.shape
         # The checkpoint interleaves q, k, v per head: (T, heads, 3*head_dim), split on the last axis.
         q, k, v = self.qkv(self.attention_norm(x)).view(T, self.n_heads, 3 * self.head_dim).chunk(3, dim=-1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (T, H, D)
+        q, k = apply_rope(q, rotations), apply_rope(k, rotations)  # (T, H, D)
         attn = attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen)  # (T, H, D)
         x = x + self.wo(attn.reshape(T, C))
         return x + self.ffn(self.ffn_norm(x))
@@ -176,23 +179,21 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (max_length, head_dim/2), float32."""
+def rope_rotations(head_dim: int, max_length: int, theta: float) -> torch.Tensor:
+    """exp(i * position * frequency) as complex64, (max_length, head_dim/2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
     angles = torch.outer(torch.arange(max_length, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) as complex numbers (LLaMA style), in float32.
 
-    x (T, H, D); cos, sin (T, D/2).
+    x (T, H, D); rotations (T, D/2) complex64. One complex multiply instead of a handful of
+    element-wise passes over (T, H, D).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (T, H, D/2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (T, H, D/2)
+    return torch.view_as_real(pairs * rotations[:, None, :]).flatten(-2).to(x.dtype)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
