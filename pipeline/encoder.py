@@ -1,4 +1,8 @@
-"""`Encoder`: texts in, one NeoBERT embedding per text out, rows in input order."""
+"""`Encoder`: texts in, one embedding per text out, rows in input order.
+
+NeoBERT runs on the native model with unpadded attention; any other checkpoint runs through
+transformers, on the same length-sorted batches, padded only to the longest document of a batch.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ import torch
 
 from pipeline.batching import pack_token_ids, plan_batches
 from pipeline.model.attention import AttentionFn, select_attention
-from pipeline.model.checkpoint import load_neobert, resolve_checkpoint
-from pipeline.model.neobert import NeoBERT, NeoBERTConfig
+from pipeline.model.checkpoint import NEOBERT, load_neobert, resolve_checkpoint, weights_sha256
+from pipeline.model.embedding_defaults import EmbeddingDefaults, resolve_embedding_defaults
 from pipeline.model.pooling import POOLINGS, l2_normalize, pool
+from pipeline.model.transformers_encoder import load_transformers_encoder
 from pipeline.tokenizer import TextTokenizer, TokenizedTexts
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,7 @@ class EncoderInfo:
     """What produced the embeddings: written into every run record."""
 
     source: str
+    family: str
     weights_sha256: str
     hidden_size: int
     max_length: int
@@ -46,21 +52,23 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Encoder:
-    """A loaded NeoBERT with its tokenizer; encode() is the whole public contract."""
+    """A loaded encoder with its tokenizer and default pooling; encode() is the whole public contract."""
 
     def __init__(
         self,
-        model: NeoBERT,
+        model: torch.nn.Module,
         tokenizer: TextTokenizer,
         *,
-        attention: tuple[str, AttentionFn],
+        attention: tuple[str, AttentionFn | None],
         info: EncoderInfo,
+        defaults: EmbeddingDefaults,
         max_tokens: int,
     ) -> None:
-        self.model = model
+        self.model = model  # forward(ids (T,), cu_seqlens (N+1,), max_seqlen, attention) -> (T, C)
         self.tokenizer = tokenizer
         self.attention_name, self._attention = attention
         self.info = info
+        self.defaults = defaults
         self.max_tokens = max_tokens
         self.device = next(model.parameters()).device
 
@@ -72,6 +80,8 @@ class Encoder:
         device: str = "auto",
         dtype: str | None = None,
         attention: str = "auto",
+        pooling: str | None = None,
+        normalize: bool | None = None,
         max_length: int | None = None,
         max_tokens: int | None = None,
         revision: str | None = None,
@@ -80,8 +90,9 @@ class Encoder:
     ) -> Encoder:
         """Load from a Hub id (e.g. chandar-lab/NeoBERT), a local folder or an fsspec URL (s3://...).
 
-        dtype defaults to bfloat16 on GPU and float32 on CPU; max_length defaults to, and may not
-        exceed, the checkpoint's own. storage_options configure the fsspec filesystem of a URL.
+        dtype defaults to bfloat16 on GPU and float32 on CPU. pooling, normalize and max_length
+        default to what the checkpoint declares (see embedding_defaults.py); max_length may not exceed
+        the checkpoint's position limit. storage_options configure the fsspec filesystem of a URL.
         """
         torch_device = resolve_device(device)
         dtype = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
@@ -90,31 +101,48 @@ class Encoder:
         folder = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, storage_options=storage_options
         )
-        loaded = load_neobert(folder, torch_device, DTYPES[dtype])
-        max_length = _checked_max_length(max_length, loaded.config)
-        tokenizer = TextTokenizer.from_folder(Path(folder), max_length)
-        chosen = select_attention(attention, torch_device, DTYPES[dtype])
+        defaults = resolve_embedding_defaults(folder, pooling=pooling, normalize=normalize, max_length=max_length)
+        if defaults.family == NEOBERT:
+            loaded = load_neobert(folder, torch_device, DTYPES[dtype])
+            model, digest, hidden_size = loaded.model, loaded.weights_sha256, loaded.config.hidden_size
+            chosen = select_attention(attention, torch_device, DTYPES[dtype])
+        else:
+            if attention != "auto":
+                raise ValueError(f"--attention {attention} applies to NeoBERT; other models use transformers' own")
+            model = load_transformers_encoder(folder, torch_device, DTYPES[dtype])
+            digest, hidden_size = weights_sha256(folder), model.hidden_size
+            chosen = (f"transformers-{model.attention_implementation}", None)
+        tokenizer = TextTokenizer.from_folder(
+            Path(folder), defaults.max_length, neobert=defaults.family == NEOBERT, lowercase=defaults.lowercase
+        )
         info = EncoderInfo(
             source=name_or_path if revision is None else f"{name_or_path}@{revision}",
-            weights_sha256=loaded.weights_sha256,
-            hidden_size=loaded.config.hidden_size,
-            max_length=max_length,
+            family=defaults.family,
+            weights_sha256=digest,
+            hidden_size=hidden_size,
+            max_length=defaults.max_length,
             device=torch_device.type,
             dtype=dtype,
             attention=chosen[0],
         )
         log.info("loaded %s (%s, %s, attention=%s)", info.source, info.device, dtype, chosen[0])
         return cls(
-            loaded.model,
+            model,
             tokenizer,
             attention=chosen,
             info=info,
-            max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], max_length),
+            defaults=defaults,
+            max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], defaults.max_length),
         )
 
     @property
     def hidden_size(self) -> int:
         return self.info.hidden_size
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a batch is padded to its longest document (transformers models) or run unpadded."""
+        return self.info.family != NEOBERT
 
     def tokenize(self, texts: list[str]) -> TokenizedTexts:
         return self.tokenizer.encode(texts)
@@ -122,13 +150,16 @@ class Encoder:
     def encode(
         self,
         texts: list[str],
-        pooling: str = "cls",
-        normalize: bool = False,
+        pooling: str | None = None,
+        normalize: bool | None = None,
         *,
         max_tokens: int | None = None,
         output_dtype: str = "float32",
     ) -> np.ndarray:
-        """(len(texts), hidden_size) embeddings, row i for texts[i], whatever the internal batching."""
+        """(len(texts), hidden_size) embeddings, row i for texts[i], whatever the internal batching.
+
+        pooling and normalize left None follow the checkpoint (encoder.defaults).
+        """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts; wrap a single text in a list")
         tokenized = self.tokenize(list(texts))
@@ -137,8 +168,8 @@ class Encoder:
     def embed_token_ids(
         self,
         token_ids: list[np.ndarray],
-        pooling: str = "cls",
-        normalize: bool = False,
+        pooling: str | None = None,
+        normalize: bool | None = None,
         *,
         max_tokens: int | None = None,
         output_dtype: str = "float32",
@@ -152,8 +183,12 @@ class Encoder:
         return out
 
     @torch.inference_mode()
-    def embed_packed(self, flat_ids: np.ndarray, cu_seqlens: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    def embed_packed(
+        self, flat_ids: np.ndarray, cu_seqlens: np.ndarray, pooling: str | None = None, normalize: bool | None = None
+    ) -> np.ndarray:
         """One forward pass over documents laid back to back: (T,) ids, (N+1,) offsets -> (N, C) float32."""
+        pooling = self.defaults.pooling if pooling is None else pooling
+        normalize = self.defaults.normalize if normalize is None else normalize
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         lengths = np.diff(cu_seqlens)
@@ -164,15 +199,7 @@ class Encoder:
         ids = torch.from_numpy(np.array(flat_ids, dtype=np.int64)).to(self.device, non_blocking=True)
         cu = torch.from_numpy(np.array(cu_seqlens, dtype=np.int32)).to(self.device, non_blocking=True)
         hidden = self.model(ids, cu, int(lengths.max()), self._attention)  # (T, C)
-        pooled = pool(hidden, cu, pooling).float()  # (N, C)
+        pooled = pool(hidden, cu, pooling)  # (N, C) float32
         if normalize:
             pooled = l2_normalize(pooled)
         return pooled.cpu().numpy()
-
-
-def _checked_max_length(max_length: int | None, config: NeoBERTConfig) -> int:
-    if max_length is None:
-        return config.max_length
-    if not 2 <= max_length <= config.max_length:
-        raise ValueError(f"max_length must be between 2 and the checkpoint's {config.max_length}, got {max_length}")
-    return max_length

@@ -1,4 +1,7 @@
-"""Find a NeoBERT checkpoint (Hub id, local folder or fsspec URL) and load it, safetensors only."""
+"""Find a checkpoint (Hub id, local folder or fsspec URL), tell NeoBERT from other encoders, load NeoBERT.
+
+Safetensors only: pickled weights can run code when loaded and are refused.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -19,9 +23,29 @@ from pipeline.model.state_dict_adapter import CheckpointKeyError, to_checkpoint,
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
-# Only these files are ever fetched: no code, no pickles.
-CHECKPOINT_FILES = ("config.json", WEIGHTS_FILE, "tokenizer.json", "vocab.txt", "tokenizer_config.json")
+# Only these files are ever fetched: weights, tokenizer and sentence-transformers metadata; no code, no pickles.
+CHECKPOINT_FILES = (
+    "config.json",
+    WEIGHTS_FILE,
+    SHARDED_WEIGHTS_INDEX,
+    "model-*-of-*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",  # sentencepiece vocabularies (XLM-R, T5)
+    "modules.json",
+    "sentence_*_config.json",
+    "config_sentence_transformers.json",
+    "*_Pooling/config.json",
+)
+# The two kinds of checkpoint: NeoBERT runs on the native model, everything else through transformers.
+NEOBERT = "neobert"
+TRANSFORMERS = "transformers"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -64,7 +88,7 @@ def resolve_checkpoint(
 
 
 def _check_weights_format(folder: Path, source: str) -> None:
-    if (folder / WEIGHTS_FILE).is_file():
+    if (folder / WEIGHTS_FILE).is_file() or (folder / SHARDED_WEIGHTS_INDEX).is_file():
         return
     pickles = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
     if pickles:
@@ -107,18 +131,27 @@ def _fetch_url(url: str, cache_dir: str | None, storage_options: dict) -> Path:
     present = {Path(p).name for p in fs.ls(root, detail=False)}
     if "config.json" not in present:
         raise CheckpointError(f"{url} has no config.json; is it the checkpoint folder?")
-    for name in CHECKPOINT_FILES:
-        if name in present:
-            target = folder / name
-            remote = fs.info(f"{root}/{name}")
-            if not target.exists() or target.stat().st_size != remote.get("size"):
-                tmp = target.with_suffix(".partial")
-                fs.get(f"{root}/{name}", str(tmp))
-                tmp.replace(target)  # a crash mid-download never leaves a half file under the real name
+    wanted = [name for name in sorted(present) if any(fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)]
+    for name in wanted:
+        _download(fs, f"{root}/{name}", folder / name)
+    if "modules.json" in present:  # sentence-transformers stages keep their config in subfolders
+        for module in json.loads((folder / "modules.json").read_text()):
+            relative = f"{module['path']}/config.json" if module.get("path") else None
+            if relative and any(fnmatch(relative, pattern) for pattern in CHECKPOINT_FILES):
+                (folder / module["path"]).mkdir(exist_ok=True)
+                _download(fs, f"{root}/{relative}", folder / relative)
     for name in PICKLE_WEIGHTS:
         if name in present and WEIGHTS_FILE not in present:
             (folder / name).touch()  # lets the format check name the refused file without downloading it
     return folder
+
+
+def _download(fs, remote: str, target: Path) -> None:
+    size = fs.info(remote).get("size")
+    if not target.exists() or target.stat().st_size != size:
+        tmp = target.with_suffix(".partial")
+        fs.get(remote, str(tmp))
+        tmp.replace(target)  # a crash mid-download never leaves a half file under the real name
 
 
 def sha256_of_file(path: Path) -> str:
@@ -129,14 +162,32 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_config(folder: Path) -> NeoBERTConfig:
+def checkpoint_family(folder: Path) -> str:
+    """NEOBERT for a NeoBERT config.json (its model_type), TRANSFORMERS for any other model type."""
+    with open(folder / "config.json") as f:
+        model_type = json.load(f).get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{folder / 'config.json'} names no model_type; is it a model checkpoint?")
+    return NEOBERT if str(model_type).lower() == NEOBERT else TRANSFORMERS
+
+
+def weights_sha256(folder: Path) -> str:
+    """Digest of the weights: of model.safetensors, or of the shard digests of a sharded checkpoint."""
+    if (folder / WEIGHTS_FILE).is_file():
+        return sha256_of_file(folder / WEIGHTS_FILE)
+    index = json.loads((folder / SHARDED_WEIGHTS_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    return hashlib.sha256("".join(sha256_of_file(folder / name) for name in shards).encode()).hexdigest()
+
+
+def load_neobert_config(folder: Path) -> NeoBERTConfig:
     with open(folder / "config.json") as f:
         return NeoBERTConfig.from_json_dict(json.load(f))
 
 
 def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
     """Build NeoBERT from folder/config.json and load model.safetensors with strict key and shape checks."""
-    config = load_config(folder)
+    config = load_neobert_config(folder)
     model = NeoBERT(config)
     state = to_native(load_file(folder / WEIGHTS_FILE))
     expected = model.state_dict()
@@ -152,7 +203,7 @@ def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> Load
         raise CheckpointKeyError(f"{folder / WEIGHTS_FILE} disagrees with config.json: {wrong_shapes}")
     model.load_state_dict(state, strict=True)
     model.to(device=device, dtype=dtype).eval()
-    return LoadedCheckpoint(model, config, folder, sha256_of_file(folder / WEIGHTS_FILE))
+    return LoadedCheckpoint(model, config, folder, weights_sha256(folder))
 
 
 def write_random_checkpoint(
