@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.model.pooling import POOLINGS
 
 # Exit codes, documented in the README.
 EXIT_OK = 0
@@ -17,6 +18,7 @@ EXIT_OUTPUT_CONFLICT = 4
 EXIT_MODEL = 5
 EXIT_BAD_INPUT = 6
 EXIT_STORAGE_UNREACHABLE = 7
+EXIT_INCOMPLETE = 8
 
 # flag -> dotted config key; a flag left out keeps the config file's (or the default) value.
 EMBED_FLAGS: list[tuple[str, str, dict]] = [
@@ -25,10 +27,19 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--format", "format", dict(choices=["auto", "jsonl", "parquet", "text"])),
     ("--text-field", "text_field", dict(help="field/column with the text (default: text)")),
     ("--id-field", "id_field", dict(help="field/column with the document id (default: derived from shard and row)")),
-    ("--pooling", "pooling", dict(choices=["cls", "mean"])),
-    ("--normalize", "normalize", dict(action="store_const", const=True, help="L2-normalise embeddings")),
+    ("--pooling", "pooling", dict(choices=list(POOLINGS), help="default: as the checkpoint declares")),
+    ("--normalize", "normalize", dict(action=argparse.BooleanOptionalAction, help="L2-normalise embeddings")),
     ("--max-length", "max_length", dict(type=int, help="tokens per document, at most the checkpoint's")),
     ("--output-dtype", "output_dtype", dict(choices=["float32", "float16"])),
+    ("--long-documents", "long_documents", dict(choices=["truncate", "chunk", "chunk-mean"])),
+    ("--chunk-overlap", "chunk_overlap", dict(type=int, help="tokens shared by neighbouring windows (default 64)")),
+    ("--duplicate-ids", "duplicate_ids", dict(choices=["keep", "flag", "reject"])),
+    ("--strict", "strict", dict(action="store_const", const=True, help="stop at the first bad row or file")),
+    (
+        "--max-error-rate",
+        "max_error_rate",
+        dict(type=float, help="fail (exit 8) if more than this fraction of rows is dead-lettered, e.g. 0.01"),
+    ),
     ("--device", "device", dict(help="auto, cpu or cuda")),
     ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="compute dtype")),
     ("--attention", "attention", dict(choices=["auto", "varlen", "flash_attn", "sdpa"])),
@@ -58,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="discard embeddings already in OUTPUT instead of resuming"
     )
     for flag, key, options in EMBED_FLAGS:
-        if options.get("action") != "store_const" and "choices" not in options:
+        if "action" not in options and "choices" not in options:
             options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
         embed.add_argument(flag, dest=key, default=None, **options)
     for name, help_text in (
@@ -103,8 +114,11 @@ def _embed(args: argparse.Namespace) -> int:
     from pipeline.faults import arm_driver
     from pipeline.io.readers import BadInputError
     from pipeline.io.shards import NoInputError
-    from pipeline.job import InputChangedError, SettingsMismatchError, run_embedding_job
+    from pipeline.job import ErrorRateExceededError, InputChangedError, SettingsMismatchError, run_embedding_job
     from pipeline.model.checkpoint import CheckpointError
+    from pipeline.model.embedding_defaults import EmbeddingSettingsError
+    from pipeline.model.sentence_transformers_meta import UnsupportedSentenceTransformerError
+    from pipeline.model.transformers_encoder import UnsupportedModelError
 
     overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
     overrides.update(input=args.input, output=args.output)
@@ -114,6 +128,9 @@ def _embed(args: argparse.Namespace) -> int:
         SettingsMismatchError: EXIT_OUTPUT_CONFLICT,
         InputChangedError: EXIT_OUTPUT_CONFLICT,
         CheckpointError: EXIT_MODEL,
+        UnsupportedModelError: EXIT_MODEL,
+        UnsupportedSentenceTransformerError: EXIT_MODEL,
+        EmbeddingSettingsError: EXIT_BAD_SETTINGS,
         BadInputError: EXIT_BAD_INPUT,
     }
     try:
@@ -122,10 +139,14 @@ def _embed(args: argparse.Namespace) -> int:
         known_errors[EndpointConnectionError] = EXIT_STORAGE_UNREACHABLE
     except ImportError:  # no S3 support installed, so no S3 errors either
         pass
+    _hide_ray_tracebacks_of((*known_errors, ErrorRateExceededError))
     try:
         config = load_config(args.config, overrides)
         arm_driver()
         summary = run_embedding_job(config, overwrite=args.overwrite)
+    except ErrorRateExceededError as err:
+        _print_summary(err.summary)
+        return _fail(EXIT_INCOMPLETE, err)
     except tuple(known_errors) as err:
         # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
         cause = _root_cause(err)
@@ -133,10 +154,46 @@ def _embed(args: argparse.Namespace) -> int:
         if code == EXIT_STORAGE_UNREACHABLE:
             return _fail(code, f"{cause}; committed work is kept: re-run the same command once storage answers")
         return _fail(code, cause)
+    _print_summary(summary)
+    if summary.failed_files:
+        return _fail(EXIT_INCOMPLETE, f"{len(summary.failed_files)} input files could not be read to their end")
+    return EXIT_OK
+
+
+def _print_summary(summary) -> None:
     print("\nembedding finished")
     for line in summary.lines():
         print(f"  {line}")
-    return EXIT_OK
+
+
+class _KnownErrorFilter(logging.Filter):
+    """Drops Ray Data's console records about an error this CLI reports itself in one line.
+
+    Ray Data logs an exception raised in a read task as an internal error, with two tracebacks; the
+    records still reach Ray Data's log file. Errors of any other kind keep their traceback.
+    """
+
+    def __init__(self, known: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self.known = known
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        seen = set()
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if isinstance(err, self.known):
+                return False
+            err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+        return True
+
+
+def _hide_ray_tracebacks_of(known: tuple[type[BaseException], ...]) -> None:
+    import ray.data  # noqa: F401  (configures Ray Data's logging, whose handlers get the filter)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_KnownErrorFilter(known))
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "chandar-lab/NeoBERT"
 
@@ -78,7 +78,7 @@ class JobConfig(BaseModel):
     output: str
     """Folder or URL that receives the Parquet embeddings and the run record."""
     model: str = DEFAULT_MODEL
-    """Hub id, local folder or fsspec URL of a NeoBERT checkpoint."""
+    """Hub id, local folder or fsspec URL of a NeoBERT checkpoint, or of any encoder transformers runs natively."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin."""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
@@ -87,12 +87,29 @@ class JobConfig(BaseModel):
     """Field (JSONL) or column (Parquet) holding the document text."""
     id_field: str | None = None
     """Field holding a document id; without it, ids are '<shard path>#<row>'."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """cls: the [CLS] vector, as the NeoBERT model card; mean: average over all tokens."""
-    normalize: bool = False
-    """L2-normalise each embedding."""
+    pooling: Literal["cls", "mean", "max", "mean_sqrt_len", "last"] | None = None
+    """cls: first-token vector; mean/max over tokens; mean_sqrt_len: sum / sqrt(length); last: last token.
+    Default: what a sentence-transformers checkpoint declares, else cls for NeoBERT (its model card) and
+    mean for other encoders."""
+    normalize: bool | None = None
+    """L2-normalise each embedding; default: yes if the checkpoint has a sentence-transformers Normalize stage."""
     max_length: int | None = Field(None, ge=2)
-    """Tokens per document, [CLS] and [SEP] included; default and upper bound: the checkpoint's."""
+    """Tokens per document, special tokens included; default: a sentence-transformers max_seq_length, else
+    the checkpoint's position limit, which is also the upper bound."""
+    duplicate_ids: Literal["keep", "flag", "reject"] = "keep"
+    """Repeated values of id_field: keep (embed all, no check), flag (embed all, list the repeats in
+    duplicates.parquet) or reject (embed the first in shard/row order, dead-letter the rest).
+    flag and reject read every shard's ids once before embedding."""
+    strict: bool = False
+    """Stop at the first bad row or unreadable file, naming it, instead of recording it in errors/."""
+    max_error_rate: float | None = Field(None, ge=0, le=1)
+    """Fail the run (exit 8) when more than this fraction of rows were dead-lettered; 0.01 = 1%."""
+    long_documents: Literal["truncate", "chunk", "chunk-mean"] = "truncate"
+    """Documents past max_length tokens: truncate (flagged per row); chunk into windows of max_length
+    tokens sharing chunk_overlap tokens, one output row per window with its character span; or
+    chunk-mean, the mean of the windows' vectors, one row per document."""
+    chunk_overlap: int = Field(64, ge=0)
+    """Tokens each window shares with the one before it, when chunking."""
     output_dtype: Literal["float32", "float16"] = "float32"
     """Element type of the stored embeddings."""
     device: str = "auto"
@@ -119,6 +136,12 @@ class JobConfig(BaseModel):
     """Seconds between progress lines."""
     model_label: str | None = None
     """Free text stored with the model in the run record (the demo marks a random fallback model here)."""
+
+    @model_validator(mode="after")
+    def _duplicates_need_ids(self) -> JobConfig:
+        if self.duplicate_ids != "keep" and self.id_field is None:
+            raise ValueError(f"duplicate_ids={self.duplicate_ids} needs id_field: derived ids never repeat")
+        return self
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> JobConfig:

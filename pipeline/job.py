@@ -12,34 +12,44 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import ray
 from ray.data import ActorPoolStrategy
 
 import pipeline
 from pipeline.config import JobConfig, StorageConfig
+from pipeline.duplicate_ids import find_duplicate_ids
 from pipeline.encoder import DEFAULT_MAX_TOKENS
 from pipeline.io.datasource import ShardDatasource
 from pipeline.io.manifest import (
     COMMITS,
+    DUPLICATES,
+    ERRORS,
+    FAILED,
     PARTS,
     RUN_RECORD,
     SHARDS,
     STAGING,
+    FileFailure,
     ShardDone,
     atomic_write,
     join,
+    parquet_bytes,
     recover,
+    write_file_failure,
     write_shard_done,
 )
+from pipeline.io.readers import FileProblem
+from pipeline.io.schemas import output_schema
 from pipeline.io.shards import Shard, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
-from pipeline.model.checkpoint import load_config, resolve_checkpoint, sha256_of_file
+from pipeline.model.checkpoint import NEOBERT, resolve_checkpoint, weights_sha256
+from pipeline.model.embedding_defaults import EmbeddingSettingsError, resolve_embedding_defaults
 from pipeline.progress import ProgressCounters, format_duration, progress_line
-from pipeline.stages import EmbedStage, output_schema, tokenize_and_pack
-from pipeline.tokenizer import TextTokenizer
+from pipeline.stages import EmbedStage, tokenize_and_pack
+from pipeline.tokenizer import TextTokenizer, check_chunk_overlap
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,9 @@ PINNED_SETTINGS = (
     "compute_dtype",
     "text_field",
     "id_field",
+    "duplicate_ids",
+    "long_documents",
+    "chunk_overlap",
     "format",
 )
 
@@ -67,6 +80,14 @@ class SettingsMismatchError(ValueError):
 
 class InputChangedError(ValueError):
     """An input shard changed since its rows were embedded into this output."""
+
+
+class ErrorRateExceededError(RuntimeError):
+    """More rows were dead-lettered than --max-error-rate allows; the summary is attached."""
+
+    def __init__(self, message: str, summary: JobSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -86,11 +107,35 @@ class JobSummary:
     output: str
     embed_nodes: list[str]
     already_complete: bool = False
+    error_counts: dict[str, int] = field(default_factory=dict)
+    """Dead letters in the output by reason; 'file:<reason>' counts files that failed part way."""
+    failed_files: list[str] = field(default_factory=list)
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(n for reason, n in self.error_counts.items() if not reason.startswith("file:"))
+
+    @property
+    def error_rate(self) -> float:
+        return self.dead_letters / self.rows_committed if self.rows_committed else 0.0
+
+    def error_lines(self) -> list[str]:
+        if not self.error_counts:
+            return ["dead letters   none"]
+        by_reason = ", ".join(f"{reason} {n:,}" for reason, n in self.error_counts.items())
+        lines = [f"dead letters   {self.dead_letters:,} rows ({self.error_rate:.2%}) in errors/: {by_reason}"]
+        if self.failed_files:
+            lines.append(
+                f"failed files   {len(self.failed_files)} could not be read to their end (first: "
+                f"{self.failed_files[0]}); see _failed/, a re-run retries them"
+            )
+        return lines
 
     def lines(self) -> list[str]:
         if self.already_complete:
             return [
                 f"already complete: {self.rows_committed:,} rows in {self.parts} parts; nothing to embed",
+                *self.error_lines(),
                 f"output         {self.output}",
             ]
         return [
@@ -100,6 +145,7 @@ class JobSummary:
             f"padding waste  {self.padding_waste:.1%}",
             f"wall time      {format_duration(self.wall_s)}",
             f"throughput     {self.tokens_per_s:,.0f} tokens/s, {self.documents_per_s:,.1f} documents/s",
+            *self.error_lines(),
             f"output         {self.output}",
         ]
 
@@ -109,26 +155,48 @@ class ModelFacts:
     """What the driver learns about the checkpoint without building the model."""
 
     source: str
+    family: str
     weights_sha256: str
     hidden_size: int
     max_length: int
+    pooling: str
+    normalize: bool
+    setting_sources: dict[str, str]
     tokenizer_json: str
 
 
 def inspect_model(config: JobConfig) -> ModelFacts:
     folder = resolve_checkpoint(config.model, revision=config.revision, storage_options=_model_storage_options(config))
-    model_config = load_config(folder)
-    max_length = config.max_length or model_config.max_length
-    if max_length > model_config.max_length:
-        raise ValueError(f"--max-length {max_length} exceeds the checkpoint's {model_config.max_length}")
-    tokenizer = TextTokenizer.from_folder(folder, max_length)
+    defaults = resolve_embedding_defaults(
+        folder, pooling=config.pooling, normalize=config.normalize, max_length=config.max_length
+    )
+    tokenizer = TextTokenizer.from_folder(
+        folder, defaults.max_length, neobert=defaults.family == NEOBERT, lowercase=defaults.lowercase
+    )
+    if config.long_documents != "truncate":
+        try:
+            check_chunk_overlap(config.chunk_overlap, defaults.max_length)
+        except ValueError as err:
+            raise EmbeddingSettingsError(
+                f"--chunk-overlap {config.chunk_overlap}: {err}; lower it or raise --max-length"
+            ) from err
     return ModelFacts(
         source=config.model if config.revision is None else f"{config.model}@{config.revision}",
-        weights_sha256=sha256_of_file(folder / "model.safetensors"),
-        hidden_size=model_config.hidden_size,
-        max_length=max_length,
+        family=defaults.family,
+        weights_sha256=weights_sha256(folder),
+        hidden_size=_hidden_size(folder),
+        max_length=defaults.max_length,
+        pooling=defaults.pooling,
+        normalize=defaults.normalize,
+        setting_sources=defaults.sources,
         tokenizer_json=tokenizer.to_json(),
     )
+
+
+def _hidden_size(folder) -> int:
+    raw = json.loads((folder / "config.json").read_text())
+    # DistilBERT-style configs call it dim
+    return int(raw.get("hidden_size") or raw["dim"])
 
 
 def embedding_settings(config: JobConfig, model: ModelFacts) -> dict:
@@ -136,33 +204,46 @@ def embedding_settings(config: JobConfig, model: ModelFacts) -> dict:
     gpu = config.actors.gpus_per_actor > 0 or config.device.startswith("cuda")
     return {
         "model_source": model.source,
+        "model_family": model.family,
         "model_weights_sha256": model.weights_sha256,
         "model_label": config.model_label,
         "tokenizer_sha256": hashlib.sha256(model.tokenizer_json.encode()).hexdigest(),
         "hidden_size": model.hidden_size,
-        "pooling": config.pooling,
-        "normalize": config.normalize,
+        "pooling": model.pooling,
+        "normalize": model.normalize,
         "max_length": model.max_length,
+        "setting_sources": model.setting_sources,
         "output_dtype": config.output_dtype,
         "compute_dtype": config.dtype or ("bfloat16" if gpu else "float32"),
         "text_field": config.text_field,
         "id_field": config.id_field,
+        "duplicate_ids": config.duplicate_ids,
+        "long_documents": config.long_documents,
+        "chunk_overlap": config.chunk_overlap if config.long_documents != "truncate" else None,
         "format": config.format,
-        "schema": str(output_schema(model.hidden_size, config.output_dtype)),
+        "schema": str(output_schema(model.hidden_size, config.output_dtype, chunks=config.long_documents == "chunk")),
     }
 
 
-class _ShardDoneRecorder:
-    """Called by a read task at the end of a shard: records its row count in the output."""
+class _ShardOutcomes:
+    """Called by read tasks when a shard ends: read to its end, or failed part way. Recorded in the output."""
 
     def __init__(self, output_url: str, storage: StorageConfig, progress) -> None:
         self.output_url = output_url
         self.storage = storage
         self.progress = progress
 
-    def __call__(self, shard: Shard, rows: int) -> None:
+    def read_to_end(self, shard: Shard, rows: int) -> None:
         fs, root = filesystem_for(self.output_url, self.storage)
         write_shard_done(fs, root, ShardDone(shard.url, shard.fingerprint, rows))
+        self.progress.shard_read.remote(shard.size_bytes)
+
+    def failed(self, shard: Shard, rows_read: int, problem: FileProblem) -> None:
+        log.warning("%s: %s after %d rows (%s); recorded in %s/", shard.url, problem.message, rows_read, FAILED, FAILED)
+        fs, root = filesystem_for(self.output_url, self.storage)
+        write_file_failure(
+            fs, root, FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message)
+        )
         self.progress.shard_read.remote(shard.size_bytes)
 
 
@@ -170,8 +251,9 @@ class _BatchReporter:
     def __init__(self, progress) -> None:
         self.progress = progress
 
-    def __call__(self, documents: int, tokens: int) -> None:
-        self.progress.batch_embedded.remote(documents, tokens, ray.get_runtime_context().get_node_id())
+    def __call__(self, documents: int, tokens: int, padded_tokens: int) -> None:
+        node_id = ray.get_runtime_context().get_node_id()
+        self.progress.batch_embedded.remote(documents, tokens, padded_tokens, node_id)
 
 
 def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSummary:
@@ -192,7 +274,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     rows_before = state.committed_rows
     if not todo:
         log.info("%s is complete: %d rows committed; nothing to embed", config.output, rows_before)
-        return _summary(config, shards, state, started, counters=None)
+        return _checked_error_rate(config, _summary(config, shards, state, started, counters=None))
     log.info(
         "%d of %d shards to do (%s) -> %s with %s; %d rows already committed",
         len(todo),
@@ -204,10 +286,11 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     )
 
     _connect_ray(config)
+    rejected = _check_duplicate_ids(config, shards, todo, out_fs, out_root)
     progress = ray.remote(num_cpus=0)(ProgressCounters).remote(
         total_shards=len(todo), total_bytes=sum(s.size_bytes for s in todo)
     )
-    dataset = _build_graph(config, model, todo, committed, generation, progress)
+    dataset = _build_graph(config, model, todo, committed, rejected, generation, progress)
     stop = threading.Event()
     watcher = threading.Thread(target=_log_progress, args=(progress, stop, config.progress_interval_s), daemon=True)
     watcher.start()
@@ -222,13 +305,45 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     ray.kill(progress)
     summary = _summary(config, shards, recover(out_fs, out_root), started, counters, rows_before)
     _append_run(out_fs, out_root, summary)
+    return _checked_error_rate(config, summary)
+
+
+def _checked_error_rate(config: JobConfig, summary: JobSummary) -> JobSummary:
+    if config.max_error_rate is not None and summary.error_rate > config.max_error_rate:
+        raise ErrorRateExceededError(
+            f"{summary.dead_letters:,} of {summary.rows_committed:,} rows dead-lettered ({summary.error_rate:.2%}), "
+            f"more than --max-error-rate {config.max_error_rate:.2%}: {summary.error_counts}; see {config.output}/"
+            f"{ERRORS}/",
+            summary,
+        )
     return summary
 
 
-def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, generation: int, progress):
+def _check_duplicate_ids(config: JobConfig, shards: list[Shard], todo: list[Shard], fs, root: str) -> dict:
+    """With duplicate_ids flag or reject: list repeated ids in duplicates.parquet; for reject, return
+    the rows to dead-letter by shard URL (row -> why)."""
+    if config.duplicate_ids == "keep":
+        return {}
+    repeats = find_duplicate_ids(shards, config.text_field, config.id_field, config.storage)
+    atomic_write(fs, join(root, DUPLICATES), parquet_bytes(repeats))
+    log.info("%d rows repeat an earlier id; listed in %s", repeats.num_rows, DUPLICATES)
+    if config.duplicate_ids == "flag":
+        return {}
+    rejected: dict[str, dict[int, str]] = {}
+    pending = {s.url for s in todo}
+    for r in repeats.to_pylist():
+        if r["shard"] in pending:
+            rejected.setdefault(r["shard"], {})[r["row"]] = (
+                f"id {r['id']!r} was already seen at {r['first_shard']} row {r['first_row']}"
+            )
+    return rejected
+
+
+def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, rejected, generation: int, progress):
     """The Ray Data graph; each stage is a plain callable from stages.py."""
     gpu = config.actors.gpus_per_actor > 0
     tokens_per_batch = config.tokens_per_batch or max(DEFAULT_MAX_TOKENS["cuda" if gpu else "cpu"], model.max_length)
+    outcomes = _ShardOutcomes(config.output, config.storage, progress)
     documents = ray.data.read_datasource(
         ShardDatasource(
             todo,
@@ -236,7 +351,10 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, generati
             config.id_field,
             config.storage,
             skip={s.url: committed[s.url] for s in todo if s.url in committed},
-            on_shard_read=_ShardDoneRecorder(config.output, config.storage, progress),
+            rejected=rejected,
+            strict=config.strict,
+            on_shard_read=outcomes.read_to_end,
+            on_file_error=outcomes.failed,
         )
     )
     packs = documents.map_batches(
@@ -244,7 +362,11 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, generati
         batch_size=config.rows_per_tokenize_batch,
         batch_format="pyarrow",
         fn_kwargs=dict(
-            tokenizer_json=model.tokenizer_json, max_length=model.max_length, tokens_per_batch=tokens_per_batch
+            tokenizer_json=model.tokenizer_json,
+            max_length=model.max_length,
+            tokens_per_batch=tokens_per_batch,
+            long_documents=config.long_documents,
+            chunk_overlap=config.chunk_overlap,
         ),
         num_cpus=1,
     )
@@ -254,9 +376,10 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, generati
         batch_format="pyarrow",
         fn_constructor_args=(config.model,),
         fn_constructor_kwargs=dict(
-            pooling=config.pooling,
-            normalize=config.normalize,
+            pooling=model.pooling,
+            normalize=model.normalize,
             output_dtype=config.output_dtype,
+            long_documents=config.long_documents,
             device=("cuda" if gpu else "cpu") if config.device == "auto" else config.device,
             dtype=config.dtype,
             attention=config.attention,
@@ -281,6 +404,7 @@ def _summary(config, shards, state, started: float, counters: dict | None, rows_
     wall_s = time.monotonic() - started
     documents = counters["documents"] if counters else 0
     tokens = counters["tokens"] if counters else 0
+    padded_tokens = counters["padded_tokens"] if counters else 0
     return JobSummary(
         documents=documents,
         tokens=tokens,
@@ -288,13 +412,15 @@ def _summary(config, shards, state, started: float, counters: dict | None, rows_
         rows_committed=state.committed_rows,
         rows_skipped=rows_before,
         parts=len(state.commits),
-        padding_waste=0.0,  # packs are unpadded on every attention backend
+        padding_waste=1 - tokens / padded_tokens if padded_tokens else 0.0,
         wall_s=wall_s,
         tokens_per_s=tokens / wall_s,
         documents_per_s=documents / wall_s,
         output=config.output,
         embed_nodes=counters["embed_nodes"] if counters else [],
         already_complete=counters is None,
+        error_counts=state.error_counts(),
+        failed_files=[f.url for f in state.failed_part_way()],
     )
 
 
@@ -347,7 +473,7 @@ def _append_run(fs, root: str, summary: JobSummary) -> None:
 
 def _remove_output(fs, root: str) -> None:
     """--overwrite: remove what this pipeline wrote there, nothing else."""
-    for name in (RUN_RECORD, PARTS, COMMITS, STAGING, SHARDS):
+    for name in (RUN_RECORD, PARTS, ERRORS, COMMITS, STAGING, SHARDS, FAILED, DUPLICATES):
         path = join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

@@ -16,6 +16,7 @@ class ProgressCounters:
     bytes_read: int = 0
     documents: int = 0
     tokens: int = 0
+    padded_tokens: int = 0
     started_s: float = field(default_factory=time.monotonic)
     embed_nodes: set[str] = field(default_factory=set)
 
@@ -23,9 +24,10 @@ class ProgressCounters:
         self.shards_read += 1
         self.bytes_read += size_bytes
 
-    def batch_embedded(self, documents: int, tokens: int, node_id: str) -> None:
+    def batch_embedded(self, documents: int, tokens: int, padded_tokens: int, node_id: str) -> None:
         self.documents += documents
         self.tokens += tokens
+        self.padded_tokens += padded_tokens
         self.embed_nodes.add(node_id)
 
     def snapshot(self) -> dict:
@@ -36,6 +38,7 @@ class ProgressCounters:
             "bytes_read": self.bytes_read,
             "documents": self.documents,
             "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
             "elapsed_s": time.monotonic() - self.started_s,
             "embed_nodes": sorted(self.embed_nodes),
         }

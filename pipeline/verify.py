@@ -7,15 +7,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
-from pipeline.io.manifest import PARTS, RUN_RECORD, join, read_state
+from pipeline.io.manifest import ERRORS, FAILED, PARTS, RUN_RECORD, join, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
+from pipeline.io.schemas import ERRORS_SCHEMA, output_schema
 from pipeline.io.shards import shard_fingerprint
 from pipeline.io.sink import ranges_of
 from pipeline.io.storage import filesystem_for
-from pipeline.stages import output_schema
 
 MAX_LISTED = 5
 
@@ -42,39 +43,64 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
         return report
     record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
     state = read_state(fs, root)
-    committed_parts = {c.part for c in state.commits}
+    committed_files = {target for c in state.commits for _, target in c.files()}
+    committed_staged = {staged for c in state.commits for staged, _ in c.files()}
 
-    unpublished = sorted(committed_parts - state.published)
+    unpublished = [c.part for c in state.commits if state.unpublished(c)]
     if unpublished:
         report.problems.append(f"{len(unpublished)} committed parts not yet published (an interrupted run; re-run)")
-    orphans = sorted(state.published - committed_parts)
+    orphans = sorted(state.published - committed_files)
     if orphans:
-        report.problems.append(f"{len(orphans)} parts without a commit record: {_first(orphans)}")
-    uncommitted = sorted(state.staged - committed_parts) + state.leftovers
+        report.problems.append(f"{len(orphans)} files without a commit record: {_first(orphans)}")
+    uncommitted = sorted(state.staged - committed_staged) + state.leftovers
     if uncommitted:
         report.problems.append(
             f"{len(uncommitted)} uncommitted leftovers from an interrupted run (a re-run removes them)"
         )
 
-    # Each committed part holds exactly the rows its record names, in the recorded schema.
+    # Each committed part holds exactly the rows its record names, embedded or dead-lettered, in the
+    # recorded schemas.
     ids_by_generation: dict[int, Counter] = {}
     settings = record["settings"]
-    expected_schema = output_schema(settings["hidden_size"], settings["output_dtype"])
+    chunks = settings.get("long_documents") == "chunk"
+    expected = {
+        PARTS: _schema_shape(output_schema(settings["hidden_size"], settings["output_dtype"], chunks=chunks)),
+        ERRORS: _schema_shape(ERRORS_SCHEMA),
+    }
     for commit in state.commits:
-        if commit.part not in state.published:
+        if state.unpublished(commit):
             continue
-        table = pq.read_table(fs.open(join(root, PARTS, f"{commit.part}.parquet"), "rb"))
-        actual, expected = _schema_shape(table.schema), _schema_shape(expected_schema)
-        if actual != expected:
-            report.problems.append(f"part {commit.part} has columns {actual}, expected {expected}")
-        if table.num_rows != commit.rows or ranges_of(table) != commit.ranges:
+        tables = {}
+        for _, target in commit.files():
+            table = pq.read_table(fs.open(join(root, target), "rb"))
+            folder = target.split("/", 1)[0]
+            if _schema_shape(table.schema) != expected[folder]:
+                report.problems.append(
+                    f"{target} has columns {_schema_shape(table.schema)}, expected {expected[folder]}"
+                )
+            tables[folder] = table
+        embedded = tables.get(PARTS)
+        if chunks and embedded is not None:
+            embedded = embedded.filter(pc.equal(embedded.column("chunk"), 0))  # one row per document
+        both = pa.concat_tables([t.select(["shard", "row"]) for t in (embedded, tables.get(ERRORS)) if t is not None])
+        if (
+            both.num_rows != commit.rows
+            or (embedded.num_rows if embedded is not None else 0) != commit.embedded_rows
+            or ranges_of(both) != commit.ranges
+        ):
             report.problems.append(f"part {commit.part} does not hold the rows its commit record names")
-        ids_by_generation.setdefault(commit.generation, Counter()).update(table.column("id").to_pylist())
+        if embedded is not None:
+            ids_by_generation.setdefault(commit.generation, Counter()).update(embedded.column("id").to_pylist())
     for generation, ids in sorted(ids_by_generation.items()):
         repeated = [i for i, n in ids.items() if n > 1]
-        if repeated:
+        if repeated and settings.get("duplicate_ids") == "reject":
             report.problems.append(
                 f"generation {generation}: {len(repeated)} ids appear more than once: {_first(repeated)}"
+            )
+        elif repeated:  # the input repeats them and the run was told to keep them
+            report.facts.append(
+                f"generation {generation}: {len(repeated)} ids repeat in the input and were kept "
+                f"(duplicate_ids={settings.get('duplicate_ids', 'keep')}): {_first(repeated)}"
             )
 
     # Inputs: every row of every shard committed exactly once.
@@ -84,12 +110,22 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
             by_shard.setdefault(url, []).extend(ranges)
     inputs = [i for g in record["generations"] for i in g["inputs"]]
     total_rows = 0
+    failed: list[str] = []
     for shard in inputs:
         url = shard["url"]
         doubled = overlaps(by_shard.get(url, []))
         if doubled:
             report.problems.append(f"{url}: rows {_ranges(doubled)} committed more than once")
         done = state.shards_done.get(url)
+        failure = state.file_failures.get(url)
+        if done is None and failure is not None:
+            # Accounted for as a file: its rows before the failure must each be committed once.
+            gaps = missing(merge_ranges(by_shard.get(url, [])), failure.rows_read)
+            if gaps:
+                report.problems.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
+            failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
+            total_rows += failure.rows_read
+            continue
         if done is None:
             report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
             continue
@@ -105,10 +141,14 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
     if check_inputs:
         _check_fingerprints(inputs, storage, report)
 
+    dead = sum(c.error_rows for c in state.commits)
     report.facts.append(
-        f"{state.committed_rows:,} rows in {len(state.commits)} committed parts; "
+        f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
+        f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
         f"{len(inputs)} input shards with {total_rows:,} rows read; {len(record['generations'])} generations"
     )
+    if failed:
+        report.facts.append(f"{len(failed)} files failed part way, recorded in {FAILED}/: {_first(failed)}")
     return report
 
 
@@ -139,15 +179,17 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> list
     inputs = [i for g in record["generations"] for i in g["inputs"]]
     committed = state.committed_ranges()
     complete = [i for i in inputs if state.shard_complete(i["url"], committed)]
-    rows_known = sum(d.rows for d in state.shards_done.values())
+    failed = state.failed_part_way()
+    rows_known = sum(d.rows for d in state.shards_done.values()) + sum(f.rows_read for f in failed)
     lines = [
         f"output      {output_url}",
         f"model       {record['settings']['model_source']} ({record['settings']['model_weights_sha256'][:12]})",
         f"rows        {state.committed_rows:,} committed"
         + (f" of {rows_known:,} in shards read so far" if rows_known else ""),
-        f"shards      {len(complete)} of {len(inputs)} complete, {len(state.shards_done)} read to the end",
+        f"shards      {len(complete)} of {len(inputs)} complete, {len(state.shards_done)} read to the end, "
+        f"{len(failed)} failed part way",
         f"parts       {len(state.commits)} committed, {len(state.staged | set(state.leftovers))} uncommitted leftovers",
-        "errors      not recorded by this version (bad input stops the job with its file and row)",
+        f"errors      {_counts(state.error_counts())}",
     ]
     if record.get("runs"):
         last = record["runs"][-1]
@@ -166,6 +208,10 @@ def _schema_shape(schema: pa.Schema) -> list[tuple]:
         else:
             shape.append((f.name, str(f.type)))
     return shape
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in counts.items()) or "none"
 
 
 def _first(items: list) -> str:

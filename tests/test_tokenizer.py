@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from conftest import MINILM_DIR, TEXTS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
 
 from pipeline.tokenizer import TextTokenizer
 
@@ -37,3 +40,16 @@ def test_no_token_type_ids_and_no_padding_in_a_batch(vocab_file):
     tokenized = tokenizer.encode(["a", "a b c d e f"])
     assert tokenized.lengths.tolist() == [3, 8]
     assert 0 not in tokenized.ids[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(["a", "bb", " ", "   ", "\n", "Zürich", ".", "x" * 150, "émoji 🙂"]), max_size=3000)
+)
+def test_long_texts_tokenize_as_if_whole(pieces):
+    # Texts past max_length x 64 characters are tokenized from a prefix first; the ids must not change.
+    text = "".join(pieces)
+    fast = TextTokenizer.from_folder(MINILM_DIR, max_length=8)
+    whole = TextTokenizer(Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json")), 8, prefix_chars_per_token=None)
+    a, b = fast.encode([text]), whole.encode([text])
+    assert a.ids[0].tolist() == b.ids[0].tolist() and a.truncated.tolist() == b.truncated.tolist()

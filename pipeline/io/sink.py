@@ -6,14 +6,14 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block
 
 from pipeline.config import StorageConfig
 from pipeline.faults import failpoint
-from pipeline.io.manifest import COMMITS, PARTS, STAGING, CommitRecord, atomic_write, join, move, part_name
+from pipeline.io.manifest import COMMITS, STAGING, CommitRecord, atomic_write, join, move, parquet_bytes, part_name
 from pipeline.io.ranges import rows_to_ranges
+from pipeline.io.schemas import split_dead_letters
 from pipeline.io.storage import filesystem_for
 
 
@@ -28,7 +28,8 @@ def ranges_of(table: pa.Table) -> dict[str, list[tuple[int, int]]]:
 
 
 class CommittedParquetSink(Datasink):
-    """Each write task stages one part, commits it with its row ranges, then publishes it."""
+    """Each write task stages one part (embeddings, and dead letters beside them), commits it with its
+    row ranges, then publishes it."""
 
     def __init__(self, output_url: str, storage: StorageConfig, generation: int, rows_per_part: int) -> None:
         self.output_url = output_url
@@ -48,13 +49,16 @@ class CommittedParquetSink(Datasink):
         table = pa.concat_tables(tables)
         fs, root = filesystem_for(self.output_url, self.storage)
         ranges = ranges_of(table)
-        name = part_name(ranges)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        atomic_write(fs, join(root, STAGING, f"{name}.parquet"), sink.getvalue().to_pybytes())
+        embedded, errors = split_dead_letters(table)
+        reasons = pc.value_counts(errors.column("reason")).to_pylist() if errors.num_rows else []
+        commit = CommitRecord(
+            part_name(ranges), table.num_rows, ranges, self.generation, {r["values"]: r["counts"] for r in reasons}
+        )
+        for (staged, _), data in zip(commit.files(), (t for t in (embedded, errors) if t.num_rows), strict=True):
+            atomic_write(fs, join(root, STAGING, staged), parquet_bytes(data))
         failpoint("sink.after_stage")
-        commit = CommitRecord(f"{name}", table.num_rows, ranges, self.generation)
-        atomic_write(fs, join(root, COMMITS, f"{name}.json"), commit.to_json())
+        atomic_write(fs, join(root, COMMITS, f"{commit.part}.json"), commit.to_json())
         failpoint("sink.after_commit")
-        move(fs, join(root, STAGING, f"{name}.parquet"), join(root, PARTS, f"{name}.parquet"))
+        for staged, target in commit.files():
+            move(fs, join(root, STAGING, staged), join(root, target))
         return {"parts": 1, "rows": table.num_rows}
