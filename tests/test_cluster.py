@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import after_first_commit
 from corpus import jsonl_bytes, make_docs
 from ray.cluster_utils import Cluster
+from ray.data import DataContext
 
 from pipeline.config import load_config
 from pipeline.job import run_embedding_job
@@ -17,6 +20,9 @@ from pipeline.job import run_embedding_job
 def cluster(tmp_path_factory):
     """A head and two worker nodes, each with its own raylet and object store."""
     ray.shutdown()  # leave the tests' shared local Ray; ray_local restarts it when next needed
+    # Cluster() writes its address file into Ray's default temp folder without creating it first.
+    default_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    os.makedirs(os.path.join(default_tmp, "ray"), exist_ok=True)
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -53,10 +59,18 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
             "id_field": "id",
             "tokens_per_batch": 256,
             "rows_per_tokenize_batch": 64,
-            "actors": {"min_actors": 2, "max_actors": 2},
+            # Two CPUs per actor fill a node, so the two model copies must sit on different nodes
+            # (as one-GPU actors would on GPU nodes); one torch thread keeps the test light.
+            "actors": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 2, "torch_threads": 1},
         },
     )
-    summary = run_embedding_job(config)
+    # Hand out blocks only once both actors are up, or the first one can take the whole corpus.
+    context = DataContext.get_current()
+    saved_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    try:
+        summary = run_embedding_job(config)
+    finally:
+        context.wait_for_min_actors_s = saved_wait
     assert len(ray.nodes()) == 3
     assert len(summary.embed_nodes) >= 2, f"embedding ran on {summary.embed_nodes} only"
     ids = pq.read_table(tmp_path / "out" / "parts").column("id").to_pylist()
