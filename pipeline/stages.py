@@ -1,20 +1,19 @@
-"""The pipeline's stages as plain callables over Arrow tables; Ray only wires them (see job.py)."""
+"""The CPU stage: tokenize rows and cut them into packs, a plain callable over Arrow tables.
+
+It imports no torch, so the Ray workers that run it stay light; embed_stage.py holds the model side.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 from tokenizers import Tokenizer
 
 from pipeline.batching import pack_token_ids, plan_batches
-from pipeline.encoder import Encoder
-from pipeline.faults import failpoint
-from pipeline.io.schemas import ERROR_FIELDS, stream_schema
+from pipeline.io.schemas import ERROR_FIELDS
 from pipeline.tokenizer import TextTokenizer
 
 # How documents past max_length tokens are embedded.
@@ -37,7 +36,7 @@ PACK_SCHEMA = pa.schema(
         *[(name, pa.list_(kind)) for name, kind in ERROR_FIELDS],
     ]
 )
-_PER_DOC = ("id", "shard", "row", *(name for name, _ in ERROR_FIELDS))
+PER_DOC_FIELDS = ("id", "shard", "row", *(name for name, _ in ERROR_FIELDS))
 
 
 @lru_cache(maxsize=4)
@@ -109,7 +108,7 @@ def _append_pack(packs, rows: pa.Table, flat, cu_seqlens, truncated, sequences_p
     packs["sequences_per_doc"].append(sequences_per_doc)
     packs["char_start"].append(empty if spans is None else spans[0])
     packs["char_end"].append(empty if spans is None else spans[1])
-    for name in _PER_DOC:
+    for name in PER_DOC_FIELDS:
         packs[name].append(rows.column(name))
 
 
@@ -119,87 +118,3 @@ def _list_array(parts: list, value_type: pa.DataType) -> pa.ListArray:
     np.cumsum([len(v) for v in values], out=offsets[1:])
     flat = pa.concat_arrays(values) if values else pa.array([], value_type)
     return pa.ListArray.from_arrays(pa.array(offsets), flat)
-
-
-class EmbedStage:
-    """Holds one model copy (one per actor) and embeds packs into output rows.
-
-    on_batch_done(documents, tokens, tokens computed including padding) reports progress.
-    """
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        pooling: str,
-        normalize: bool,
-        output_dtype: str,
-        long_documents: str = "truncate",
-        on_batch_done: Callable[[int, int, int], None] | None = None,
-        torch_threads: int | None = None,
-        **encoder_options,
-    ) -> None:
-        if long_documents not in LONG_DOCUMENTS:
-            raise ValueError(f"long_documents must be one of {', '.join(LONG_DOCUMENTS)}, not {long_documents!r}")
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
-        self.encoder = Encoder.from_pretrained(model, **encoder_options)
-        self.pooling = pooling
-        self.normalize = normalize
-        self.output_dtype = output_dtype
-        self.long_documents = long_documents
-        self.schema = stream_schema(self.encoder.hidden_size, output_dtype, chunks=long_documents == "chunk")
-        self.on_batch_done = on_batch_done
-
-    def __call__(self, packs: pa.Table) -> pa.Table:
-        tables = [self._embed_pack(packs.slice(i, 1)) for i in range(packs.num_rows)]
-        return pa.concat_tables(tables) if tables else self.schema.empty_table()
-
-    def _embed_pack(self, pack: pa.Table) -> pa.Table:
-        failpoint("embed")
-        column = {name: pack.column(name).chunk(0).flatten() for name in PACK_SCHEMA.names}
-        flat, cu_seqlens = column["input_ids"].to_numpy(), column["cu_seqlens"].to_numpy()
-        if len(cu_seqlens) == 1:
-            return self._dead_letters(column)
-        chunk_mean = self.long_documents == "chunk-mean"
-        vectors = self._embed_sequences(flat, cu_seqlens, normalize=self.normalize and not chunk_mean)  # (S, C)
-        lengths = np.diff(cu_seqlens).astype(np.int32)  # (S,)
-        per_doc = column["sequences_per_doc"].to_numpy()
-        first = np.concatenate([[0], np.cumsum(per_doc)[:-1]])  # (N,) first sequence of each document
-        if chunk_mean:
-            vectors = np.add.reduceat(vectors, first, axis=0) / per_doc[:, None]
-            if self.normalize:
-                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            lengths = np.add.reduceat(lengths, first).astype(np.int32)
-        vectors = vectors.astype(np.float16 if self.output_dtype == "float16" else np.float32, copy=False)
-        n_docs, hidden = len(per_doc), vectors.shape[1]
-        if self.on_batch_done is not None:
-            tokens = int(cu_seqlens[-1])
-            padded = len(cu_seqlens) - 1 if self.encoder.pads_batches else 0
-            self.on_batch_done(n_docs, tokens, padded * int(np.diff(cu_seqlens).max()) if padded else tokens)
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), hidden)
-        n_tokens = pa.array(lengths)
-        out = {name: column[name] for name in ("id", "truncated", "shard", "row")}
-        if self.long_documents == "chunk":
-            offsets = pa.array(np.concatenate([first, [len(lengths)]]).astype(np.int32))
-            embedding, n_tokens = (pa.ListArray.from_arrays(offsets, values) for values in (embedding, n_tokens))
-            out |= {name: pa.ListArray.from_arrays(offsets, column[name]) for name in ("char_start", "char_end")}
-        out |= {"embedding": embedding, "n_tokens": n_tokens}
-        out |= {name: pa.nulls(n_docs, kind) for name, kind in ERROR_FIELDS}
-        return pa.Table.from_arrays([out[name] for name in self.schema.names], schema=self.schema)
-
-    def _embed_sequences(self, flat: np.ndarray, cu_seqlens: np.ndarray, normalize: bool) -> np.ndarray:
-        """(S, C) float32 vectors; a pack over the token budget (one long document's windows) is split."""
-        if cu_seqlens[-1] <= self.encoder.max_tokens:
-            return self.encoder.embed_packed(flat, cu_seqlens, self.pooling, normalize)
-        sequences = [flat[a:b] for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True)]
-        return self.encoder.embed_token_ids(sequences, self.pooling, normalize)
-
-    def _dead_letters(self, column: dict) -> pa.Table:
-        """A pack of rows that could not be embedded: passed on with a null embedding and their reason."""
-        n = len(column["id"])
-        out = {name: column[name] for name in _PER_DOC} | {"truncated": column["truncated"]}
-        for name in self.schema.names:
-            if name not in out:
-                out[name] = pa.nulls(n, self.schema.field(name).type)
-        return pa.Table.from_arrays([out[name] for name in self.schema.names], schema=self.schema)
