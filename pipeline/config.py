@@ -56,6 +56,9 @@ class ActorPoolConfig(BaseModel):
     """1 on GPU clusters (one model per GPU); 0 runs the model on CPU."""
     cpus_per_actor: float = Field(1.0, gt=0)
     """CPU cores reserved per actor."""
+    resources_per_actor: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each actor needs, e.g. {"embed_slot": 1} on nodes started with one such
+    slot, to place one actor per node or keep actors off some nodes."""
     torch_threads: int | None = Field(None, ge=1)
     """torch's intra-op threads per actor; default: cpus_per_actor. More than reserved lets a CPU
     actor use cores that light tokenize tasks share (a 2-core machine running both)."""

@@ -18,8 +18,9 @@ import ray
 from ray.data import ActorPoolStrategy
 
 import pipeline
-from pipeline.config import JobConfig, StorageConfig
+from pipeline.config import JobConfig
 from pipeline.duplicate_ids import find_duplicate_ids
+from pipeline.embed_stage import EmbedStage
 from pipeline.encoder import DEFAULT_MAX_TOKENS
 from pipeline.io.datasource import ShardDatasource
 from pipeline.io.manifest import (
@@ -31,24 +32,21 @@ from pipeline.io.manifest import (
     RUN_RECORD,
     SHARDS,
     STAGING,
-    FileFailure,
-    ShardDone,
     atomic_write,
     join,
     parquet_bytes,
     recover,
-    write_file_failure,
-    write_shard_done,
 )
-from pipeline.io.readers import FileProblem
 from pipeline.io.schemas import output_schema
 from pipeline.io.shards import Shard, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
 from pipeline.model.checkpoint import NEOBERT, resolve_checkpoint, weights_sha256
+from pipeline.model.cpu_allocator import GLIBC_TUNABLES
 from pipeline.model.embedding_defaults import EmbeddingSettingsError, resolve_embedding_defaults
 from pipeline.progress import ProgressCounters, format_duration, progress_line
-from pipeline.stages import EmbedStage, tokenize_and_pack
+from pipeline.stage_reports import BatchReporter, ShardOutcomes
+from pipeline.stages import tokenize_and_pack
 from pipeline.tokenizer import TextTokenizer, check_chunk_overlap
 
 log = logging.getLogger(__name__)
@@ -110,6 +108,10 @@ class JobSummary:
     error_counts: dict[str, int] = field(default_factory=dict)
     """Dead letters in the output by reason; 'file:<reason>' counts files that failed part way."""
     failed_files: list[str] = field(default_factory=list)
+    startup_s: float | None = None
+    """From the job's start to its first embedded pack: listing, Ray workers, model loading."""
+    steady_tokens_per_s: float | None = None
+    """Tokens after the first pack over the time after it: the rate a longer run settles at."""
 
     @property
     def dead_letters(self) -> int:
@@ -145,6 +147,11 @@ class JobSummary:
             f"padding waste  {self.padding_waste:.1%}",
             f"wall time      {format_duration(self.wall_s)}",
             f"throughput     {self.tokens_per_s:,.0f} tokens/s, {self.documents_per_s:,.1f} documents/s",
+            *(
+                [f"after start-up {self.steady_tokens_per_s:,.0f} tokens/s (first pack after {self.startup_s:.1f}s)"]
+                if self.steady_tokens_per_s
+                else []
+            ),
             *self.error_lines(),
             f"output         {self.output}",
         ]
@@ -225,37 +232,6 @@ def embedding_settings(config: JobConfig, model: ModelFacts) -> dict:
     }
 
 
-class _ShardOutcomes:
-    """Called by read tasks when a shard ends: read to its end, or failed part way. Recorded in the output."""
-
-    def __init__(self, output_url: str, storage: StorageConfig, progress) -> None:
-        self.output_url = output_url
-        self.storage = storage
-        self.progress = progress
-
-    def read_to_end(self, shard: Shard, rows: int) -> None:
-        fs, root = filesystem_for(self.output_url, self.storage)
-        write_shard_done(fs, root, ShardDone(shard.url, shard.fingerprint, rows))
-        self.progress.shard_read.remote(shard.size_bytes)
-
-    def failed(self, shard: Shard, rows_read: int, problem: FileProblem) -> None:
-        log.warning("%s: %s after %d rows (%s); recorded in %s/", shard.url, problem.message, rows_read, FAILED, FAILED)
-        fs, root = filesystem_for(self.output_url, self.storage)
-        write_file_failure(
-            fs, root, FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message)
-        )
-        self.progress.shard_read.remote(shard.size_bytes)
-
-
-class _BatchReporter:
-    def __init__(self, progress) -> None:
-        self.progress = progress
-
-    def __call__(self, documents: int, tokens: int, padded_tokens: int) -> None:
-        node_id = ray.get_runtime_context().get_node_id()
-        self.progress.batch_embedded.remote(documents, tokens, padded_tokens, node_id)
-
-
 def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSummary:
     """Embed every not yet committed document of config.input into Parquet under config.output."""
     started = time.monotonic()
@@ -290,6 +266,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     progress = ray.remote(num_cpus=0)(ProgressCounters).remote(
         total_shards=len(todo), total_bytes=sum(s.size_bytes for s in todo)
     )
+    progress_started = time.monotonic() - started
     dataset = _build_graph(config, model, todo, committed, rejected, generation, progress)
     stop = threading.Event()
     watcher = threading.Thread(target=_log_progress, args=(progress, stop, config.progress_interval_s), daemon=True)
@@ -303,6 +280,8 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
         watcher.join()
     counters = ray.get(progress.snapshot.remote())
     ray.kill(progress)
+    if counters["first_batch_s"] is not None:
+        counters["first_batch_s"] += progress_started
     summary = _summary(config, shards, recover(out_fs, out_root), started, counters, rows_before)
     _append_run(out_fs, out_root, summary)
     return _checked_error_rate(config, summary)
@@ -343,7 +322,7 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, rejected
     """The Ray Data graph; each stage is a plain callable from stages.py."""
     gpu = config.actors.gpus_per_actor > 0
     tokens_per_batch = config.tokens_per_batch or max(DEFAULT_MAX_TOKENS["cuda" if gpu else "cpu"], model.max_length)
-    outcomes = _ShardOutcomes(config.output, config.storage, progress)
+    outcomes = ShardOutcomes(config.output, config.storage, progress)
     documents = ray.data.read_datasource(
         ShardDatasource(
             todo,
@@ -386,13 +365,22 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, rejected
             max_length=model.max_length,
             revision=config.revision,
             storage_options=_model_storage_options(config),
-            on_batch_done=_BatchReporter(progress),
+            on_batch_done=BatchReporter(progress),
             torch_threads=config.actors.torch_threads or max(1, int(config.actors.cpus_per_actor)),
         ),
         compute=ActorPoolStrategy(min_size=config.actors.min_actors, max_size=config.actors.max_actors),
-        num_cpus=config.actors.cpus_per_actor,
-        num_gpus=config.actors.gpus_per_actor,
+        **_actor_remote_args(config, gpu),
     )
+
+
+def _actor_remote_args(config: JobConfig, gpu: bool) -> dict:
+    args = {"num_cpus": config.actors.cpus_per_actor, "num_gpus": config.actors.gpus_per_actor}
+    if config.actors.resources_per_actor:
+        args["resources"] = dict(config.actors.resources_per_actor)
+    if not gpu:
+        # From the actor process's start: Ray Data calls the stage on a worker thread (see cpu_allocator).
+        args["runtime_env"] = {"env_vars": {"GLIBC_TUNABLES": GLIBC_TUNABLES}}
+    return args
 
 
 def _rows_per_part(config: JobConfig, model: ModelFacts) -> int:
@@ -405,6 +393,10 @@ def _summary(config, shards, state, started: float, counters: dict | None, rows_
     documents = counters["documents"] if counters else 0
     tokens = counters["tokens"] if counters else 0
     padded_tokens = counters["padded_tokens"] if counters else 0
+    startup_s = counters["first_batch_s"] if counters else None
+    steady = None
+    if startup_s is not None and wall_s - startup_s > 0 and tokens > counters["first_batch_tokens"]:
+        steady = (tokens - counters["first_batch_tokens"]) / (wall_s - startup_s)
     return JobSummary(
         documents=documents,
         tokens=tokens,
@@ -421,6 +413,8 @@ def _summary(config, shards, state, started: float, counters: dict | None, rows_
         already_complete=counters is None,
         error_counts=state.error_counts(),
         failed_files=[f.url for f in state.failed_part_way()],
+        startup_s=startup_s,
+        steady_tokens_per_s=steady,
     )
 
 

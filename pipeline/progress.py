@@ -19,12 +19,18 @@ class ProgressCounters:
     padded_tokens: int = 0
     started_s: float = field(default_factory=time.monotonic)
     embed_nodes: set[str] = field(default_factory=set)
+    first_batch_s: float | None = None
+    """Seconds from this actor's start to the first embedded pack: workers started, model loaded."""
+    first_batch_tokens: int = 0
 
     def shard_read(self, size_bytes: int) -> None:
         self.shards_read += 1
         self.bytes_read += size_bytes
 
     def batch_embedded(self, documents: int, tokens: int, padded_tokens: int, node_id: str) -> None:
+        if self.first_batch_s is None:
+            self.first_batch_s = time.monotonic() - self.started_s
+            self.first_batch_tokens = tokens
         self.documents += documents
         self.tokens += tokens
         self.padded_tokens += padded_tokens
@@ -41,6 +47,8 @@ class ProgressCounters:
             "padded_tokens": self.padded_tokens,
             "elapsed_s": time.monotonic() - self.started_s,
             "embed_nodes": sorted(self.embed_nodes),
+            "first_batch_s": self.first_batch_s,
+            "first_batch_tokens": self.first_batch_tokens,
         }
 
 

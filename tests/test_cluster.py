@@ -34,7 +34,8 @@ def cluster(tmp_path_factory):
         },
     )
     for _ in range(2):
-        cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+        # One embed slot per worker node, as one GPU per node would be: actors that ask for it spread.
+        cluster.add_node(num_cpus=2, resources={"embed_slot": 1}, object_store_memory=100 * 2**20)
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
     yield cluster
@@ -59,9 +60,8 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
             "id_field": "id",
             "tokens_per_batch": 256,
             "rows_per_tokenize_batch": 64,
-            # Two CPUs per actor fill a node, so the two model copies must sit on different nodes
-            # (as one-GPU actors would on GPU nodes); one torch thread keeps the test light.
-            "actors": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 2, "torch_threads": 1},
+            # One embed slot each: the two model copies must sit on the two worker nodes.
+            "actors": {"min_actors": 2, "max_actors": 2, "resources_per_actor": {"embed_slot": 1}},
         },
     )
     # Hand out blocks only once both actors are up, or the first one can take the whole corpus.
@@ -72,7 +72,8 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
     finally:
         context.wait_for_min_actors_s = saved_wait
     assert len(ray.nodes()) == 3
-    assert len(summary.embed_nodes) >= 2, f"embedding ran on {summary.embed_nodes} only"
+    worker_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("embed_slot")}
+    assert set(summary.embed_nodes) == worker_nodes, f"embedding ran on {summary.embed_nodes} only"
     ids = pq.read_table(tmp_path / "out" / "parts").column("id").to_pylist()
     assert sorted(ids) == sorted(docs)
 

@@ -51,6 +51,9 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
     docs = {d["id"]: d["text"] for part in shards.values() for d in part}
     assert_matches_encoder(table, docs, tiny_encoder)
     assert summary.documents == summary.rows_committed == 360
+    # Many 512-token packs: the summary tells start-up (to the first pack) from the rate after it.
+    assert 0 < summary.startup_s < summary.wall_s
+    assert summary.steady_tokens_per_s > summary.tokens_per_s
     assert not s3.exists(f"{s3.bucket}/out/_staging") or not s3.ls(f"{s3.bucket}/out/_staging")
     assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
     # shard and row point back at the exact input line
