@@ -113,6 +113,7 @@ def tokenize_cpu_rate(texts: list[str], encoder: Encoder, tokens_per_batch: int)
     import pyarrow as pa
 
     from pipeline.io.readers import ROW_SCHEMA
+    from pipeline.io.schemas import ERROR_FIELDS
     from pipeline.stages import tokenize_and_pack
 
     n = len(texts)
@@ -122,7 +123,7 @@ def tokenize_cpu_rate(texts: list[str], encoder: Encoder, tokens_per_batch: int)
             "text": texts,
             "shard": ["bench"] * n,
             "row": list(range(n)),
-            **{name: pa.nulls(n, pa.string()) for name in ("error", "error_message", "excerpt")},
+            **{name: pa.nulls(n, kind) for name, kind in ERROR_FIELDS},  # all rows good
         },
         schema=ROW_SCHEMA,
     )
