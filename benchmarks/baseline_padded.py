@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.neobert import NeoBERT, apply_rope
+from pipeline.model.elementwise import rope_complex
+from pipeline.model.neobert import NeoBERT
 
 
 @torch.inference_mode()
@@ -23,12 +24,12 @@ def padded_forward(model: NeoBERT, input_ids: torch.Tensor, attention_mask: torc
     D = model.config.head_dim
     # As the remote code does: (B, L) -> (B, H, L, L), materialised with repeat() and passed as bool.
     mask = attention_mask[:, None, None, :].repeat(1, H, L, 1).bool()
-    rotations = model.rope_rotations(input_ids.device)[:L].repeat(B, 1)  # (B*L, D/2)
+    rotations = torch.view_as_real(model.rope_rotations(input_ids.device)[:L].repeat(B, 1))  # (B*L, D/2, 2)
     x = model.tok_embeddings(input_ids)  # (B, L, C)
     for layer in model.layers:
         q, k, v = layer.qkv(layer.attention_norm(x)).view(B, L, H, 3 * D).chunk(3, dim=-1)
-        q = apply_rope(q.reshape(B * L, H, D), rotations).view(B, L, H, D)
-        k = apply_rope(k.reshape(B * L, H, D), rotations).view(B, L, H, D)
+        q = rope_complex(q.reshape(B * L, H, D), rotations).view(B, L, H, D)
+        k = rope_complex(k.reshape(B * L, H, D), rotations).view(B, L, H, D)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         x = x + layer.wo(attn.transpose(1, 2).reshape(B, L, H * D))
         x = x + layer.ffn(layer.ffn_norm(x))

@@ -43,6 +43,11 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--device", "device", dict(help="auto, cpu or cuda")),
     ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="compute dtype")),
     ("--attention", "attention", dict(choices=["auto", "varlen", "flash_attn", "sdpa"])),
+    (
+        "--compile",
+        "compile",
+        dict(action="store_const", const=True, help="fuse element-wise steps with torch.compile (for GPUs)"),
+    ),
     ("--tokens-per-batch", "tokens_per_batch", dict(type=int, help="token budget of one forward pass")),
     ("--rows-per-tokenize-batch", "rows_per_tokenize_batch", dict(type=int)),
     ("--min-actors", "actors.min_actors", dict(type=int)),

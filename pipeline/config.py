@@ -121,6 +121,9 @@ class JobConfig(BaseModel):
     """Compute dtype; default bfloat16 on GPU, float32 on CPU."""
     attention: Literal["auto", "varlen", "flash_attn", "sdpa"] = "auto"
     """Attention backend; auto picks the fastest one the device supports."""
+    compile: bool = False
+    """Fuse NeoBERT's element-wise steps (RMSNorm, RoPE, SwiGLU gate, residual adds) with torch.compile.
+    Pays on GPU, where they are memory-bound; on CPU it needs a C++ compiler and minutes to build."""
     tokens_per_batch: int | None = Field(None, ge=16)
     """Token budget of one forward pass; default 8192 on CPU, 65536 on GPU."""
     rows_per_tokenize_batch: int = Field(2048, ge=1)

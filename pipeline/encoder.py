@@ -87,12 +87,15 @@ class Encoder:
         revision: str | None = None,
         cache_dir: str | None = None,
         storage_options: dict | None = None,
+        compile: bool = False,
     ) -> Encoder:
         """Load from a Hub id (e.g. chandar-lab/NeoBERT), a local folder or an fsspec URL (s3://...).
 
         dtype defaults to bfloat16 on GPU and float32 on CPU. pooling, normalize and max_length
         default to what the checkpoint declares (see embedding_defaults.py); max_length may not exceed
         the checkpoint's position limit. storage_options configure the fsspec filesystem of a URL.
+        compile fuses NeoBERT's element-wise steps with torch.compile (elementwise.py); the kernels are
+        built here, on a two-document pack, so a machine that cannot build them fails at load time.
         """
         torch_device = resolve_device(device)
         dtype = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
@@ -106,9 +109,13 @@ class Encoder:
             loaded = load_neobert(folder, torch_device, DTYPES[dtype])
             model, digest, hidden_size = loaded.model, loaded.weights_sha256, loaded.config.hidden_size
             chosen = select_attention(attention, torch_device, DTYPES[dtype])
+            if compile:
+                model.compile_elementwise()
         else:
             if attention != "auto":
                 raise ValueError(f"--attention {attention} applies to NeoBERT; other models use transformers' own")
+            if compile:
+                raise ValueError("--compile applies to NeoBERT; other models run transformers' own modules")
             model = load_transformers_encoder(folder, torch_device, DTYPES[dtype])
             digest, hidden_size = weights_sha256(folder), model.hidden_size
             chosen = (f"transformers-{model.attention_implementation}", None)
@@ -126,7 +133,7 @@ class Encoder:
             attention=chosen[0],
         )
         log.info("loaded %s (%s, %s, attention=%s)", info.source, info.device, dtype, chosen[0])
-        return cls(
+        encoder = cls(
             model,
             tokenizer,
             attention=chosen,
@@ -134,6 +141,19 @@ class Encoder:
             defaults=defaults,
             max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], defaults.max_length),
         )
+        if compile:
+            encoder._build_compiled_kernels()
+        return encoder
+
+    def _build_compiled_kernels(self) -> None:
+        try:
+            self.embed_packed(np.array([101, 102, 101, 7, 102], np.int64), np.array([0, 2, 5], np.int32))
+        except Exception as err:  # torch.compile fails in many ways: no compiler, no Triton, an unsupported GPU
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RuntimeError(
+                f"--compile: torch.compile could not build kernels on {self.device} "
+                f"({type(err).__name__}: {reason[:300]}); run without --compile"
+            ) from err
 
     @property
     def hidden_size(self) -> int:

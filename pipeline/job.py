@@ -362,6 +362,7 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, rejected
             device=("cuda" if gpu else "cpu") if config.device == "auto" else config.device,
             dtype=config.dtype,
             attention=config.attention,
+            compile=config.compile,
             max_length=model.max_length,
             revision=config.revision,
             storage_options=_model_storage_options(config),

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import MINILM_DIR, TEXTS
 from reference_neobert import reference_hidden_states, rope_complex
 from safetensors.torch import load_file, save_file
 
 from pipeline import Encoder
-from pipeline.model import PRESETS, NeoBERTConfig
+from pipeline.model import PRESETS, NeoBERTConfig, elementwise
 from pipeline.model.attention import available_attention
 from pipeline.model.checkpoint import CheckpointError, load_neobert
-from pipeline.model.neobert import apply_rope, positions_from_cu_seqlens, rope_rotations
+from pipeline.model.neobert import positions_from_cu_seqlens, rope_rotations
 from pipeline.model.state_dict_adapter import CheckpointKeyError
 
 ATTENTION_HERE = available_attention(
@@ -160,7 +160,9 @@ def test_normalize_and_float16_output(tiny_encoder):
 def test_rope_rotates_consecutive_pairs_like_complex_numbers():
     x = torch.randn(10, 3, 8, dtype=torch.float64)
     rotations = rope_rotations(8, 10, 10000.0)
-    ours = apply_rope(x.float(), rotations).double()
+    ours = elementwise.rope_complex(x.float(), torch.view_as_real(rotations)).double()
+    # The real-arithmetic form (the one torch.compile fuses) is the same rotation.
+    torch.testing.assert_close(elementwise.rope_real(x.float(), torch.view_as_real(rotations)).double(), ours)
     cos, sin = rotations.real, rotations.imag
     torch.testing.assert_close(ours, rope_complex(x, 10000.0), atol=1e-5, rtol=1e-5)
     # The rotate-half convention pairs x[i] with x[i + D/2] instead, and gives another answer.
@@ -234,3 +236,20 @@ def _copy_with_weights(source, target, weights) -> None:
     for name in ("config.json", "vocab.txt"):
         (target / name).write_bytes((source / name).read_bytes())
     save_file(weights, target / "model.safetensors")
+
+
+def test_compiled_elementwise_steps_give_the_same_embeddings(tiny_checkpoint, tiny_encoder):
+    # torch.compile builds C++ kernels on CPU (Triton on GPU): the fused steps must compute the same numbers.
+    compiled = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", compile=True)
+    assert compiled.model.ops.name == "compiled" and tiny_encoder.model.ops.name == "eager"
+    got = compiled.encode(TEXTS)
+    np.testing.assert_allclose(got, tiny_encoder.encode(TEXTS), atol=1e-5, rtol=1e-5)
+    expected = reference_embeddings(tiny_checkpoint, compiled.tokenize(TEXTS).ids)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # Other pack sizes reuse the kernels (dynamic shapes) and still agree, one document alone included.
+    np.testing.assert_allclose(compiled.encode(TEXTS[:1]), tiny_encoder.encode(TEXTS[:1]), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_is_refused_for_models_it_does_not_apply_to():
+    with pytest.raises(ValueError, match="--compile applies to NeoBERT"):
+        Encoder.from_pretrained(str(MINILM_DIR), device="cpu", compile=True)

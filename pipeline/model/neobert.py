@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import AttentionFn
+from pipeline.model.elementwise import EAGER, ElementwiseOps, compiled_ops, rms_norm, silu_mul
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class NeoBERT(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         # Not a buffer: Module.to(dtype) would drop the imaginary part, or round it to bf16.
         self._rope_rotations = rope_rotations(config.head_dim, config.max_length, config.rope_theta)
+        self.ops: ElementwiseOps = EAGER
 
     def rope_rotations(self, device: torch.device) -> torch.Tensor:
         """The complex64 RoPE table (max_length, head_dim/2), on device."""
@@ -116,11 +117,15 @@ class NeoBERT(nn.Module):
         if max_seqlen > self.config.max_length:
             raise ValueError(f"a document of {max_seqlen} tokens exceeds max_length {self.config.max_length}")
         positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])  # (T,), restart per document
-        rotations = self.rope_rotations(input_ids.device)[positions]  # (T, head_dim/2) complex64
+        rotations = torch.view_as_real(self.rope_rotations(input_ids.device)[positions])  # (T, head_dim/2, 2)
         x = self.tok_embeddings(input_ids)  # (T, C)
         for layer in self.layers:
-            x = layer(x, rotations, cu_seqlens, max_seqlen, attention)
-        return self.norm(x)
+            x = layer(x, rotations, cu_seqlens, max_seqlen, attention, self.ops)
+        return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
+
+    def compile_elementwise(self) -> None:
+        """Fuse the element-wise steps with torch.compile (see elementwise.py); built on first use."""
+        self.ops = compiled_ops()
 
 
 class EncoderBlock(nn.Module):
@@ -143,14 +148,14 @@ class EncoderBlock(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         attention: AttentionFn,
+        ops: ElementwiseOps = EAGER,
     ) -> torch.Tensor:
         T, C = x.shape
-        # The checkpoint interleaves q, k, v per head: (T, heads, 3*head_dim), split on the last axis.
-        q, k, v = self.qkv(self.attention_norm(x)).view(T, self.n_heads, 3 * self.head_dim).chunk(3, dim=-1)
-        q, k = apply_rope(q, rotations), apply_rope(k, rotations)  # (T, H, D)
-        attn = attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen)  # (T, H, D)
-        x = x + self.wo(attn.reshape(T, C))
-        return x + self.ffn(self.ffn_norm(x))
+        h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+        q, k, v = ops.heads_with_rope(self.qkv(h), rotations, self.n_heads)  # (T, H, D) each
+        attn = attention(q, k, v, cu_seqlens, max_seqlen)  # (T, H, D)
+        x, h = ops.add_rms_norm(x, self.wo(attn.reshape(T, C)), self.ffn_norm.weight, self.ffn_norm.eps)
+        return x + self.ffn.w3(ops.silu_mul(self.ffn.w12(h)))
 
 
 class SwiGLU(nn.Module):
@@ -162,8 +167,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1).mul_(x2))  # in place: one (T, hidden) buffer fewer
+        return self.w3(silu_mul(self.w12(x)))
 
 
 class RMSNorm(nn.Module):
@@ -175,8 +179,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_rotations(head_dim: int, max_length: int, theta: float) -> torch.Tensor:
@@ -184,16 +187,6 @@ def rope_rotations(head_dim: int, max_length: int, theta: float) -> torch.Tensor
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
     angles = torch.outer(torch.arange(max_length, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) as complex numbers (LLaMA style), in float32.
-
-    x (T, H, D); rotations (T, D/2) complex64. One complex multiply instead of a handful of
-    element-wise passes over (T, H, D).
-    """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (T, H, D/2)
-    return torch.view_as_real(pairs * rotations[:, None, :]).flatten(-2).to(x.dtype)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
