@@ -188,7 +188,8 @@ def load_neobert_config(folder: Path) -> NeoBERTConfig:
 def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
     """Build NeoBERT from folder/config.json and load model.safetensors with strict key and shape checks."""
     config = load_neobert_config(folder)
-    model = NeoBERT(config)
+    with torch.device("meta"):  # no random init of weights about to be replaced (seconds at full size)
+        model = NeoBERT(config)
     state = to_native(load_file(folder / WEIGHTS_FILE))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -201,7 +202,7 @@ def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> Load
     ]
     if wrong_shapes:
         raise CheckpointKeyError(f"{folder / WEIGHTS_FILE} disagrees with config.json: {wrong_shapes}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device, dtype=dtype).eval()
     return LoadedCheckpoint(model, config, folder, weights_sha256(folder))
 

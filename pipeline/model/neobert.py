@@ -100,12 +100,16 @@ class NeoBERT(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        # Not a buffer: Module.to(dtype) would drop the imaginary part, or round it to bf16.
-        self._rope_rotations = rope_rotations(config.head_dim, config.max_length, config.rope_theta)
+        # Not a buffer: Module.to(dtype) would drop the imaginary part, or round it to bf16. Built on
+        # first use, so that a model constructed on the meta device (checkpoint.py) gets a real one.
+        self._rope_rotations: torch.Tensor | None = None
         self.ops: ElementwiseOps = EAGER
 
     def rope_rotations(self, device: torch.device) -> torch.Tensor:
         """The complex64 RoPE table (max_length, head_dim/2), on device."""
+        if self._rope_rotations is None:
+            config = self.config
+            self._rope_rotations = rope_rotations(config.head_dim, config.max_length, config.rope_theta)
         if self._rope_rotations.device != device:
             self._rope_rotations = self._rope_rotations.to(device)
         return self._rope_rotations
@@ -184,8 +188,9 @@ class RMSNorm(nn.Module):
 
 def rope_rotations(head_dim: int, max_length: int, theta: float) -> torch.Tensor:
     """exp(i * position * frequency) as complex64, (max_length, head_dim/2)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2] / head_dim))
-    angles = torch.outer(torch.arange(max_length, dtype=torch.float32), freqs)
+    cpu = torch.device("cpu")
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu)[: head_dim // 2] / head_dim))
+    angles = torch.outer(torch.arange(max_length, dtype=torch.float32, device=cpu), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
 
