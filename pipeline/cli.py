@@ -116,6 +116,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from pipeline.embed_stage import ModelMismatchError
     from pipeline.faults import arm_driver
     from pipeline.io.readers import BadInputError
     from pipeline.io.shards import NoInputError
@@ -133,6 +134,7 @@ def _embed(args: argparse.Namespace) -> int:
         SettingsMismatchError: EXIT_OUTPUT_CONFLICT,
         InputChangedError: EXIT_OUTPUT_CONFLICT,
         CheckpointError: EXIT_MODEL,
+        ModelMismatchError: EXIT_MODEL,
         UnsupportedModelError: EXIT_MODEL,
         UnsupportedSentenceTransformerError: EXIT_MODEL,
         EmbeddingSettingsError: EXIT_BAD_SETTINGS,
@@ -152,10 +154,12 @@ def _embed(args: argparse.Namespace) -> int:
     except ErrorRateExceededError as err:
         _print_summary(err.summary)
         return _fail(EXIT_INCOMPLETE, err)
-    except tuple(known_errors) as err:
+    except Exception as err:
         # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
         cause = _root_cause(err)
-        code = next(code for kind, code in known_errors.items() if isinstance(cause, kind))
+        code = next((code for kind, code in known_errors.items() if isinstance(cause, kind)), None)
+        if code is None:
+            raise
         if code == EXIT_STORAGE_UNREACHABLE:
             return _fail(code, f"{cause}; committed work is kept: re-run the same command once storage answers")
         return _fail(code, cause)
@@ -189,7 +193,7 @@ class _KnownErrorFilter(logging.Filter):
             seen.add(id(err))
             if isinstance(err, self.known):
                 return False
-            err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+            err = getattr(err, "cause", None) or _actor_init_error(err) or err.__cause__ or err.__context__
         return True
 
 
@@ -205,9 +209,22 @@ def _root_cause(err: BaseException) -> BaseException:
     """The user-facing exception inside Ray's task-error wrappers."""
     import ray.exceptions
 
-    while isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
-        err = err.cause
-    return err
+    while True:
+        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
+            err = err.cause
+        elif _actor_init_error(err) is not None:
+            err = _actor_init_error(err)
+        else:
+            return err
+
+
+def _actor_init_error(err: BaseException) -> BaseException | None:
+    """What the constructor of an actor raised, for an ActorDiedError that says so (first of its args)."""
+    import ray.exceptions
+
+    if isinstance(err, ray.exceptions.ActorDiedError) and err.args and isinstance(err.args[0], BaseException):
+        return err.args[0]
+    return None
 
 
 def _fail(code: int, err: BaseException | str) -> int:

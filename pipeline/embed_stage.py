@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,10 @@ from pipeline.encoder import Encoder
 from pipeline.faults import failpoint
 from pipeline.io.schemas import ERROR_FIELDS, stream_schema
 from pipeline.stages import LONG_DOCUMENTS, PACK_SCHEMA, PER_DOC_FIELDS
+
+
+class ModelMismatchError(RuntimeError):
+    """An actor loaded other weights than the ones the job's driver recorded."""
 
 
 class EmbedStage:
@@ -30,6 +35,7 @@ class EmbedStage:
         long_documents: str = "truncate",
         on_batch_done: Callable[[int, int, int], None] | None = None,
         torch_threads: int | None = None,
+        expected_weights_sha256: str | None = None,
         **encoder_options,
     ) -> None:
         if long_documents not in LONG_DOCUMENTS:
@@ -37,6 +43,14 @@ class EmbedStage:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
         self.encoder = Encoder.from_pretrained(model, **encoder_options)
+        loaded = self.encoder.info.weights_sha256
+        if expected_weights_sha256 is not None and loaded != expected_weights_sha256:
+            # The run record pins the driver's digest: vectors from other weights must not join the output.
+            raise ModelMismatchError(
+                f"{model} on {platform.node()} holds weights with sha256 {loaded[:12]}..., but the job's "
+                f"driver read {expected_weights_sha256[:12]}... (the digest in the run record); every node "
+                "must load the same checkpoint: use a shared URL, or the same files at the same path everywhere"
+            )
         self.pooling = pooling
         self.normalize = normalize
         self.output_dtype = output_dtype

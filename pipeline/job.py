@@ -367,6 +367,7 @@ def _build_graph(config: JobConfig, model: ModelFacts, todo, committed, rejected
             revision=config.revision,
             storage_options=_model_storage_options(config),
             on_batch_done=BatchReporter(progress),
+            expected_weights_sha256=model.weights_sha256,
             torch_threads=config.actors.torch_threads or max(1, int(config.actors.cpus_per_actor)),
         ),
         compute=ActorPoolStrategy(min_size=config.actors.min_actors, max_size=config.actors.max_actors),

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 
-from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_CONFLICT, main
+from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_MODEL, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_CONFLICT, main
 from pipeline.config import load_config
 from pipeline.io.manifest import PARTS, RUN_RECORD
 from pipeline.job import SettingsMismatchError, run_embedding_job
@@ -194,3 +194,20 @@ def test_rerun_of_a_finished_10k_document_job_embeds_nothing(ray_local, tmp_path
     again = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id")
     print(f"re-run of a finished 10,000-document job took {time.monotonic() - started:.2f}s")
     assert again.already_complete and again.documents == 0 and again.rows_committed == 10_000
+
+
+@pytest.mark.timeout(180)
+def test_an_actor_that_loads_other_weights_than_the_run_record_fails_the_job(
+    ray_local, tmp_path, tiny_checkpoint, monkeypatch, capsys
+):
+    # As if a node held another copy of the model at the same path: the driver's digest is not the actor's.
+    import pipeline.job
+
+    monkeypatch.setattr(pipeline.job, "weights_sha256", lambda folder: "0" * 64)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(20, seed=3, prefix="w")))
+    args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
+    assert main(args) == EXIT_MODEL
+    err = capsys.readouterr().err
+    assert "driver read 000000000000..." in err and "must load the same checkpoint" in err
+    assert not list((tmp_path / "out").glob(f"{PARTS}/*.parquet")), "no vector from other weights is published"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -238,6 +239,9 @@ def _copy_with_weights(source, target, weights) -> None:
     save_file(weights, target / "model.safetensors")
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_elementwise_steps_give_the_same_embeddings(tiny_checkpoint, tiny_encoder):
     # torch.compile builds C++ kernels on CPU (Triton on GPU): the fused steps must compute the same numbers.
     compiled = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", compile=True)
@@ -248,6 +252,15 @@ def test_compiled_elementwise_steps_give_the_same_embeddings(tiny_checkpoint, ti
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     # Other pack sizes reuse the kernels (dynamic shapes) and still agree, one document alone included.
     np.testing.assert_allclose(compiled.encode(TEXTS[:1]), tiny_encoder.encode(TEXTS[:1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_elementwise_steps_on_gpu_match_the_reference(tiny_checkpoint):
+    encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cuda", dtype="bfloat16", compile=True)
+    expected = reference_embeddings(tiny_checkpoint, encoder.tokenize(TEXTS).ids)
+    got = encoder.encode(TEXTS)
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() >= 0.999
 
 
 def test_compile_is_refused_for_models_it_does_not_apply_to():
