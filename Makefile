@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 MODEL ?=
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test test-slow lint format clean bench
+.PHONY: demo test test-slow lint format clean bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
+
+# On a machine with an NVIDIA GPU and torch with CUDA (see benchmarks/gpu.sh).
+bench-gpu:
+	PYTHON=$(or $(GPU_PYTHON),python3) bash benchmarks/gpu.sh
