@@ -117,6 +117,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from pipeline.embed_stage import ModelMismatchError
+    from pipeline.encoder import CompileError
     from pipeline.faults import arm_driver
     from pipeline.io.readers import BadInputError
     from pipeline.io.shards import NoInputError
@@ -138,6 +139,7 @@ def _embed(args: argparse.Namespace) -> int:
         UnsupportedModelError: EXIT_MODEL,
         UnsupportedSentenceTransformerError: EXIT_MODEL,
         EmbeddingSettingsError: EXIT_BAD_SETTINGS,
+        CompileError: EXIT_BAD_SETTINGS,
         BadInputError: EXIT_BAD_INPUT,
     }
     try:

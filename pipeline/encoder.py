@@ -29,6 +29,10 @@ OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 DEFAULT_MAX_TOKENS = {"cpu": 8192, "cuda": 65536}
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not build the fused kernels on this machine (--compile)."""
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """What produced the embeddings: written into every run record."""
@@ -150,7 +154,7 @@ class Encoder:
             self.embed_packed(np.array([101, 102, 101, 7, 102], np.int64), np.array([0, 2, 5], np.int32))
         except Exception as err:  # torch.compile fails in many ways: no compiler, no Triton, an unsupported GPU
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise RuntimeError(
+            raise CompileError(
                 f"--compile: torch.compile could not build kernels on {self.device} "
                 f"({type(err).__name__}: {reason[:300]}); run without --compile"
             ) from err

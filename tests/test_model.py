@@ -266,3 +266,18 @@ def test_compiled_elementwise_steps_on_gpu_match_the_reference(tiny_checkpoint):
 def test_compile_is_refused_for_models_it_does_not_apply_to():
     with pytest.raises(ValueError, match="--compile applies to NeoBERT"):
         Encoder.from_pretrained(str(MINILM_DIR), device="cpu", compile=True)
+
+
+def test_a_machine_that_cannot_build_the_kernels_fails_at_load_with_the_way_out(tiny_checkpoint, monkeypatch):
+    import dataclasses
+
+    import pipeline.model.neobert
+    from pipeline.encoder import CompileError
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    broken = dataclasses.replace(elementwise.EAGER, name="compiled", rms_norm=no_compiler)
+    monkeypatch.setattr(pipeline.model.neobert, "compiled_ops", lambda: broken)
+    with pytest.raises(CompileError, match="No working C\\+\\+ compiler found.*run without --compile"):
+        Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", compile=True)
