@@ -80,11 +80,6 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)  # in place: one (T, F) buffer fewer
 
 
-def _silu_mul_pure(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 EAGER = ElementwiseOps("eager", rms_norm, add_rms_norm, _heads_with(rope_complex), silu_mul)
 
 
@@ -102,5 +97,5 @@ def compiled_ops() -> ElementwiseOps:
         compiled(rms_norm),
         compiled(add_rms_norm),
         compiled(_heads_with(rope_real)),
-        compiled(_silu_mul_pure),
+        compiled(silu_mul),
     )
