@@ -214,8 +214,8 @@ def _root_cause(err: BaseException) -> BaseException:
     while True:
         if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
             err = err.cause
-        elif _actor_init_error(err) is not None:
-            err = _actor_init_error(err)
+        elif (init_error := _actor_init_error(err)) is not None:
+            err = init_error
         else:
             return err
 

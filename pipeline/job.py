@@ -280,9 +280,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
         watcher.join()
     counters = ray.get(progress.snapshot.remote())
     ray.kill(progress)
-    if counters["first_batch_s"] is not None:
-        counters["first_batch_s"] += progress_started
-    summary = _summary(config, shards, recover(out_fs, out_root), started, counters, rows_before)
+    summary = _summary(config, shards, recover(out_fs, out_root), started, counters, rows_before, progress_started)
     _append_run(out_fs, out_root, summary)
     return _checked_error_rate(config, summary)
 
@@ -390,12 +388,16 @@ def _rows_per_part(config: JobConfig, model: ModelFacts) -> int:
     return max(1, int(config.target_file_mb * 2**20 // bytes_per_row))
 
 
-def _summary(config, shards, state, started: float, counters: dict | None, rows_before: int = 0) -> JobSummary:
+def _summary(
+    config, shards, state, started: float, counters: dict | None, rows_before: int = 0, progress_started: float = 0.0
+) -> JobSummary:
+    """progress_started: seconds from the job's start to the progress actor's, which counts from its own."""
     wall_s = time.monotonic() - started
     documents = counters["documents"] if counters else 0
     tokens = counters["tokens"] if counters else 0
     padded_tokens = counters["padded_tokens"] if counters else 0
-    startup_s = counters["first_batch_s"] if counters else None
+    first_batch_s = counters["first_batch_s"] if counters else None
+    startup_s = None if first_batch_s is None else progress_started + first_batch_s
     steady = None
     if startup_s is not None and wall_s - startup_s > 0 and tokens > counters["first_batch_tokens"]:
         steady = (tokens - counters["first_batch_tokens"]) / (wall_s - startup_s)
