@@ -1,5 +1,6 @@
 """What the job's Ray worker processes start with: light imports for the CPU stages, and malloc
-settings that keep a CPU actor's large activations in the heap. Each check runs in a fresh Python."""
+settings that keep a CPU actor's large activations in the heap, and storage that still works after
+a task was cancelled mid-import. Each check runs in a fresh Python."""
 
 from __future__ import annotations
 
@@ -39,6 +40,44 @@ def test_modules_the_read_tokenize_and_write_workers_load_do_not_import_torch():
     assert out.strip() == "False"
     # ...while the package's public Encoder is still there for library users.
     assert run_python("from pipeline import Encoder; print(Encoder.__name__)").strip() == "Encoder"
+
+
+# Ray Data cancels a failed dataset's running tasks with KeyboardInterrupt; the worker then serves the
+# driver's next job. This stops the first import of s3fs the same way, part-way through aiohttp.
+IMPORT_S3FS_INTERRUPTED_THEN_READ = """
+    import importlib.abc, sys
+
+    class CancelOnce(importlib.abc.MetaPathFinder):
+        fired = False
+
+        def find_spec(self, name, path, target=None):
+            if name == "aiohttp.client_ws" and not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt("task cancelled")
+
+    sys.meta_path.insert(0, CancelOnce())
+    try:
+        import s3fs
+    except KeyboardInterrupt:
+        pass
+    half_imported = "aiohttp.http_exceptions" in sys.modules and "aiohttp" not in sys.modules
+
+    from pipeline.config import StorageConfig
+    from pipeline.io.storage import filesystem_for
+
+    fs, path = filesystem_for(URL, StorageConfig(endpoint_url=ENDPOINT))
+    print(half_imported, type(fs).__name__, fs.cat_file(path).decode())
+"""
+
+
+def test_a_worker_cancelled_while_importing_s3fs_can_still_reach_s3(s3, s3_endpoint):
+    s3.pipe_file(f"{s3.bucket}/doc.txt", b"still readable")
+    code = (
+        textwrap.dedent(IMPORT_S3FS_INTERRUPTED_THEN_READ)
+        .replace("URL", repr(f"s3://{s3.bucket}/doc.txt"))
+        .replace("ENDPOINT", repr(s3_endpoint))
+    )
+    assert run_python(code).split(" ", 2) == ["True", "S3FileSystem", "still readable\n"]
 
 
 # Allocates and frees a 64 MiB tensor on a worker thread, as Ray Data calls a stage, and reports
