@@ -6,6 +6,7 @@ are left out of the read, and a finished job returns without starting Ray.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -261,7 +262,7 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
         rows_before,
     )
 
-    _connect_ray(config)
+    started_ray = _connect_ray(config)
     rejected = _check_duplicate_ids(config, shards, todo, out_fs, out_root)
     progress = ray.remote(num_cpus=0)(ProgressCounters).remote(
         total_shards=len(todo), total_bytes=sum(s.size_bytes for s in todo)
@@ -272,12 +273,16 @@ def run_embedding_job(config: JobConfig, *, overwrite: bool = False) -> JobSumma
     watcher = threading.Thread(target=_log_progress, args=(progress, stop, config.progress_interval_s), daemon=True)
     watcher.start()
     try:
-        dataset.write_datasink(
-            CommittedParquetSink(config.output, config.storage, generation, _rows_per_part(config, model))
-        )
-    finally:
-        stop.set()
-        watcher.join()
+        try:
+            dataset.write_datasink(
+                CommittedParquetSink(config.output, config.storage, generation, _rows_per_part(config, model))
+            )
+        finally:
+            stop.set()
+            watcher.join()
+    except BaseException:
+        _release_failed_job(progress, started_ray)
+        raise
     counters = ray.get(progress.snapshot.remote())
     ray.kill(progress)
     summary = _summary(config, shards, recover(out_fs, out_root), started, counters, rows_before, progress_started)
@@ -482,15 +487,33 @@ def _model_storage_options(config: JobConfig) -> dict:
     return config.storage.fsspec_options(protocol)
 
 
-def _connect_ray(config: JobConfig) -> None:
-    """Join the cluster (config, else RAY_ADDRESS as `ray job submit` sets it), or start a local Ray."""
+def _connect_ray(config: JobConfig) -> bool:
+    """Join the cluster (config, else RAY_ADDRESS as `ray job submit` sets it), or start a local Ray.
+
+    True when this started a local Ray of its own.
+    """
     if ray.is_initialized():
-        return
+        return False
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+        return False
+    ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+    return True
+
+
+def _release_failed_job(progress, started_ray: bool) -> None:
+    """Give back what a failed job holds, so that a re-run in this process can start.
+
+    Ray Data leaves the actors of a failed dataset running while they still had work in flight
+    (ray-project/ray#24948): on a small machine they keep the CPUs or GPUs that a re-run's actors
+    need, and the re-run waits for ever. A local Ray this job started goes down with them; a Ray the
+    caller started is theirs to restart. The CLI is not affected: its process ends.
+    """
+    with contextlib.suppress(Exception):  # the job's own error is the one to report
+        ray.kill(progress)
+    if started_ray:
+        ray.shutdown()
 
 
 def _log_progress(progress, stop: threading.Event, interval_s: float) -> None:

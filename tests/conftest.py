@@ -117,13 +117,19 @@ def ray_local(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=str(tmp_path_factory.getbasetemp() / "ray"),
-            object_store_memory=300 * 2**20,
-        )
+        start_test_ray(tmp_path_factory)
     return ray
+
+
+def start_test_ray(tmp_path_factory) -> None:
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=str(tmp_path_factory.getbasetemp() / "ray"),
+        object_store_memory=300 * 2**20,
+    )
 
 
 def after_first_commit(fs, commits_dir: str, action, timeout_s: float = 60) -> tuple[threading.Thread, threading.Event]:

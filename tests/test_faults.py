@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import after_first_commit
+from conftest import after_first_commit, start_test_ray
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.io.manifest import COMMITS, PARTS
@@ -164,7 +164,7 @@ def test_s3_endpoint_down_for_seconds_mid_write_is_ridden_out_by_retries(
 
 @pytest.mark.timeout(300)
 def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
-    ray_local, flaky_s3, corpus, tiny_checkpoint, tiny_encoder
+    ray_local, flaky_s3, corpus, tiny_checkpoint, tiny_encoder, tmp_path_factory
 ):
     s3, proxy = flaky_s3
     _, docs = corpus
@@ -176,6 +176,10 @@ def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
         _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s=None, max_attempts=2)
     assert f'Could not connect to the endpoint URL: "{proxy.url}' in str(_root_cause(failure.value))
     proxy.start()
+    # A re-run is a new driver: the failed one's Ray goes with it, and with it the embedding actors
+    # Ray Data leaves running (ray-project/ray#24948; see test_a_failed_job_stops_the_local_ray_it_started).
+    ray_local.shutdown()
+    start_test_ray(tmp_path_factory)
     from pipeline.config import load_config
     from pipeline.job import run_embedding_job
 
@@ -196,3 +200,30 @@ def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
     report = verify_output(config.output, config.storage)
     assert report.ok, report.problems
     assert pq.read_table(s3.find(f"{s3.bucket}/out/{PARTS}"), filesystem=s3).num_rows == len(docs)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_job_stops_the_local_ray_it_started(tmp_path, tiny_checkpoint):
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.io.readers import BadInputError
+    from pipeline.job import run_embedding_job
+
+    ray.shutdown()  # this job starts Ray itself, as a library user's script does
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(40, seed=3, prefix="s")) + b'{"text": "cut\n')
+    config = load_config(
+        None,
+        {
+            "input": str(tmp_path / "in"),
+            "output": str(tmp_path / "out"),
+            "model": str(tiny_checkpoint),
+            "strict": True,
+            "num_cpus": 2,
+        },
+    )
+    with pytest.raises(BadInputError) as failure:
+        run_embedding_job(config)
+    assert "a.jsonl row 40: not valid JSON" in str(failure.value)
+    assert not ray.is_initialized(), "its actors would keep their CPUs and GPUs from a re-run in this process"
