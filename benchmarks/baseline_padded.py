@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.elementwise import rope_complex
-from pipeline.model.neobert import NeoBERT
+from pipeline.model.neobert import NeoBERT, rope_complex
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ from ray.data import DataContext
 from benchmarks.throughput import SHAPES, make_corpus, single_token_words, write_shards
 from pipeline.config import load_config
 from pipeline.job import run_embedding_job
-from pipeline.model.checkpoint import write_random_checkpoint
+from pipeline.model.weights import write_random_checkpoint
 
 
 def run_on_cluster(actors: int, shards: Path, model_dir: Path, out: Path):

@@ -33,8 +33,8 @@ from benchmarks.baseline_padded import embed_like_the_model_card
 from pipeline import Encoder
 from pipeline.batching import padding_waste, plan_batches
 from pipeline.model import PRESETS, NeoBERTConfig
-from pipeline.model.checkpoint import write_random_checkpoint
 from pipeline.model.cpu_allocator import keep_freed_memory
+from pipeline.model.weights import write_random_checkpoint
 
 SHAPES = {
     # Real width and heads, fewer layers: per-token cost like NeoBERT's, small enough for 2 cores.
@@ -127,7 +127,7 @@ def tokenize_cpu_rate(texts: list[str], encoder: Encoder, tokens_per_batch: int)
         },
         schema=ROW_SCHEMA,
     )
-    options = dict(tokenizer_json=encoder.tokenizer.to_json(), max_length=encoder.info.max_length)
+    options = dict(tokenizer_json=encoder.tokenizer.to_json(), max_length=encoder.facts.max_length)
     options["tokens_per_batch"] = tokens_per_batch
     tokenize_and_pack(rows.slice(0, 2), **options)  # builds the worker's tokenizer once
     start = time.process_time()  # all threads: the Rust tokenizer may use several cores

@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int, *, padded: bool = False) -> list[np.ndarray]:
-    """Group document indices into batches of at most max_tokens tokens, longest documents first.
+def plan_batches(
+    lengths: np.ndarray, max_tokens: int, *, padded: bool = False, max_rows: int | None = None
+) -> list[np.ndarray]:
+    """Group document indices into batches of at most max_tokens tokens (and max_rows documents),
+    longest documents first.
 
     A batch costs the sum of its lengths when unpadded, or rows x longest when padded (as a dense
     kernel would compute it). A document longer than max_tokens gets a batch of its own. Every
     index appears in exactly one batch; within a batch, lengths are non-increasing.
     """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if max_tokens < 1 or (max_rows is not None and max_rows < 1):
+        raise ValueError(f"max_tokens and max_rows must be positive, got {max_tokens} and {max_rows}")
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
@@ -26,7 +29,8 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, *, padded: bool = False) 
             cost = int(lengths[order[start]]) * (position - start + 1)
         else:
             cost = total + length
-        if position > start and cost > max_tokens:
+        full = max_rows is not None and position - start >= max_rows
+        if position > start and (cost > max_tokens or full):
             batches.append(order[start:position])
             start, total = position, length
         else:

@@ -1,70 +1,82 @@
-"""`neobert-pipeline`: the command line. It owns the terminal; the library only logs."""
+"""`neobert-pipeline`: the command line. It owns the terminal; the library only logs.
+
+Every error a user can cause ends as one `error:` line and the exit code its class carries
+(errors.py); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.model.pooling import POOLINGS
-
-# Exit codes, documented in the README.
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_SETTINGS = 2
-EXIT_NO_INPUT = 3
-EXIT_OUTPUT_CONFLICT = 4
-EXIT_MODEL = 5
-EXIT_BAD_INPUT = 6
-EXIT_STORAGE_UNREACHABLE = 7
-EXIT_INCOMPLETE = 8
+import pipeline
+from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig, load_config
+from pipeline.errors import EXIT_FAILED, EXIT_OK, PipelineError, as_pipeline_error
+from pipeline.model.embedding_defaults import POOLINGS
 
 # flag -> dotted config key; a flag left out keeps the config file's (or the default) value.
 EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--model", "model", dict(help="Hub id, folder or URL of the checkpoint (default chandar-lab/NeoBERT)")),
-    ("--revision", "revision", dict(help="Hub revision to pin")),
-    ("--format", "format", dict(choices=["auto", "jsonl", "parquet", "text"])),
+    ("--revision", "revision", dict(help="Hub revision (branch, tag or commit) to pin")),
+    ("--format", "format", dict(choices=["auto", "jsonl", "parquet", "text"], help="input format (default: auto)")),
     ("--text-field", "text_field", dict(help="field/column with the text (default: text)")),
     ("--id-field", "id_field", dict(help="field/column with the document id (default: derived from shard and row)")),
     ("--pooling", "pooling", dict(choices=list(POOLINGS), help="default: as the checkpoint declares")),
     ("--normalize", "normalize", dict(action=argparse.BooleanOptionalAction, help="L2-normalise embeddings")),
     ("--max-length", "max_length", dict(type=int, help="tokens per document, at most the checkpoint's")),
-    ("--output-dtype", "output_dtype", dict(choices=["float32", "float16"])),
-    ("--long-documents", "long_documents", dict(choices=["truncate", "chunk", "chunk-mean"])),
+    ("--output-dtype", "output_dtype", dict(choices=["float32", "float16"], help="stored vectors (default float32)")),
+    (
+        "--long-documents",
+        "long_documents",
+        dict(choices=["truncate", "chunk", "chunk-mean"], help="documents past --max-length (default truncate)"),
+    ),
     ("--chunk-overlap", "chunk_overlap", dict(type=int, help="tokens shared by neighbouring windows (default 64)")),
-    ("--duplicate-ids", "duplicate_ids", dict(choices=["keep", "flag", "reject"])),
+    (
+        "--duplicate-ids",
+        "duplicate_ids",
+        dict(choices=["keep", "flag", "reject"], help="repeated --id-field values (default keep: no check)"),
+    ),
     ("--strict", "strict", dict(action="store_const", const=True, help="stop at the first bad row or file")),
     (
         "--max-error-rate",
         "max_error_rate",
-        dict(type=float, help="fail (exit 8) if more than this fraction of rows is dead-lettered, e.g. 0.01"),
+        dict(
+            type=float,
+            help=f"fail (exit 8) above this fraction of dead-lettered rows (default {DEFAULT_MAX_ERROR_RATE})",
+        ),
     ),
-    ("--device", "device", dict(help="auto, cpu or cuda")),
-    ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="compute dtype")),
-    ("--attention", "attention", dict(choices=["auto", "varlen", "flash_attn", "sdpa"])),
+    ("--device", "device", dict(help="auto, cpu, cuda or cuda:N (default auto: cuda when --gpus-per-actor > 0)")),
+    ("--dtype", "dtype", dict(choices=["float32", "bfloat16", "float16"], help="compute dtype (default by device)")),
+    (
+        "--attention",
+        "attention",
+        dict(choices=["auto", "varlen", "flash_attn", "sdpa"], help="attention backend (default auto)"),
+    ),
     (
         "--compile",
         "compile",
         dict(action="store_const", const=True, help="fuse element-wise steps with torch.compile (for GPUs)"),
     ),
     ("--tokens-per-batch", "tokens_per_batch", dict(type=int, help="token budget of one forward pass")),
-    ("--rows-per-tokenize-batch", "rows_per_tokenize_batch", dict(type=int)),
-    ("--min-actors", "actors.min_actors", dict(type=int)),
-    ("--max-actors", "actors.max_actors", dict(type=int)),
-    ("--gpus-per-actor", "actors.gpus_per_actor", dict(type=float)),
-    ("--cpus-per-actor", "actors.cpus_per_actor", dict(type=float)),
-    ("--target-file-mb", "target_file_mb", dict(type=float)),
+    ("--rows-per-tokenize-batch", "rows_per_tokenize_batch", dict(type=int, help="rows tokenized together")),
+    ("--min-actors", "actors.min_actors", dict(type=int, help="embedding actors kept alive (default 1)")),
+    ("--max-actors", "actors.max_actors", dict(type=int, help="most embedding actors, one per GPU (default 1)")),
+    ("--gpus-per-actor", "actors.gpus_per_actor", dict(type=float, help="GPUs per actor: 1 on GPU clusters")),
+    ("--cpus-per-actor", "actors.cpus_per_actor", dict(type=float, help="CPU cores per actor (default 1)")),
+    ("--target-file-mb", "target_file_mb", dict(type=float, help="largest output Parquet file (default 256)")),
     ("--endpoint-url", "storage.endpoint_url", dict(help="S3-compatible endpoint (MinIO, ...)")),
     ("--anon", "storage.anon", dict(action="store_const", const=True, help="anonymous object storage access")),
-    ("--ray-address", "ray_address", dict(help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")),
-    ("--num-cpus", "num_cpus", dict(type=int, help="CPUs of the local Ray")),
+    ("--ray-address", "ray_address", dict(help="Ray cluster to join, or auto (default: RAY_ADDRESS, else a new one)")),
+    ("--num-cpus", "num_cpus", dict(type=int, help="CPUs of the local Ray (default all)")),
     ("--progress-interval", "progress_interval_s", dict(type=float, help="seconds between progress lines")),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neobert-pipeline", description="Batch NeoBERT embeddings on Ray Data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {pipeline.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser("embed", help="embed a corpus into Parquet")
     embed.add_argument("input", nargs="?", help="folder, glob or URL of the input shards")
@@ -77,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         if "action" not in options and "choices" not in options:
             options = {"metavar": flag.lstrip("-").upper().replace("-", "_"), **options}
         embed.add_argument(flag, dest=key, default=None, **options)
+    loudness = embed.add_mutually_exclusive_group()
+    loudness.add_argument("--quiet", action="store_true", help="no progress, only warnings, errors and the summary")
+    loudness.add_argument("--verbose", action="store_true", help="also Ray Data's own per-operator progress")
+    embed.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="the pipeline's own logs (default INFO)"
+    )
     for name, help_text in (
         ("verify", "check that every input row is in OUTPUT exactly once (exit 0 only if so)"),
         ("status", "show how far the job writing OUTPUT got"),
@@ -87,25 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--anon", action="store_true", help="anonymous object storage access")
         if name == "verify":
             command.add_argument("--skip-inputs", action="store_true", help="do not re-list the inputs")
+        else:
+            command.add_argument("--json", action="store_true", help="print the status as one JSON object")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "embed":
-        return _embed(args)
-    return _inspect(args)
+    level = "WARNING" if getattr(args, "quiet", False) else (getattr(args, "log_level", None) or "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "embed":
+            return _embed(args)
+        return _inspect(args)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        return user_error.exit_code
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.config import StorageConfig
-    from pipeline.verify import output_status, verify_output
-
     storage = StorageConfig(endpoint_url=args.endpoint_url, anon=args.anon)
     if args.command == "status":
-        print("\n".join(output_status(args.output, storage)))
+        from pipeline.status import output_status
+        from pipeline.terminal import status_lines
+
+        status = output_status(args.output, storage)
+        print(json.dumps(status, indent=2) if args.json else "\n".join(status_lines(status)))
         return EXIT_OK
+    from pipeline.verify import verify_output
+
     report = verify_output(args.output, storage, check_inputs=not args.skip_inputs)
     for fact in report.facts:
         print(f"ok       {fact}")
@@ -116,108 +147,45 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from pipeline.embed_stage import ModelMismatchError
-    from pipeline.encoder import CompileError
     from pipeline.faults import arm_driver
-    from pipeline.io.readers import BadInputError
-    from pipeline.io.shards import NoInputError
-    from pipeline.job import ErrorRateExceededError, InputChangedError, SettingsMismatchError, run_embedding_job
-    from pipeline.model.checkpoint import CheckpointError
-    from pipeline.model.embedding_defaults import EmbeddingSettingsError
-    from pipeline.model.sentence_transformers_meta import UnsupportedSentenceTransformerError
-    from pipeline.model.transformers_encoder import UnsupportedModelError
+    from pipeline.job import run_embedding_job
+    from pipeline.ray_session import quiet_ray_data
+    from pipeline.summary import RunIncompleteError
+    from pipeline.terminal import ProgressDisplay, print_summary
 
     overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
     overrides.update(input=args.input, output=args.output)
-    known_errors = {
-        ConfigError: EXIT_BAD_SETTINGS,
-        NoInputError: EXIT_NO_INPUT,
-        SettingsMismatchError: EXIT_OUTPUT_CONFLICT,
-        InputChangedError: EXIT_OUTPUT_CONFLICT,
-        CheckpointError: EXIT_MODEL,
-        ModelMismatchError: EXIT_MODEL,
-        UnsupportedModelError: EXIT_MODEL,
-        UnsupportedSentenceTransformerError: EXIT_MODEL,
-        EmbeddingSettingsError: EXIT_BAD_SETTINGS,
-        CompileError: EXIT_BAD_SETTINGS,
-        BadInputError: EXIT_BAD_INPUT,
-    }
+    config = load_config(args.config, overrides)
+    quiet_ray_data(verbose=args.verbose)
+    _hide_ray_tracebacks_of_user_errors()
+    arm_driver()
+    display = ProgressDisplay()
     try:
-        from botocore.exceptions import EndpointConnectionError
-
-        known_errors[EndpointConnectionError] = EXIT_STORAGE_UNREACHABLE
-    except ImportError:  # no S3 support installed, so no S3 errors either
-        pass
-    _hide_ray_tracebacks_of((*known_errors, ErrorRateExceededError))
-    try:
-        config = load_config(args.config, overrides)
-        arm_driver()
-        summary = run_embedding_job(config, overwrite=args.overwrite)
-    except ErrorRateExceededError as err:
-        _print_summary(err.summary)
-        return _fail(EXIT_INCOMPLETE, err)
-    except Exception as err:
-        # Errors raised inside Ray tasks arrive wrapped with a remote traceback: show the cause alone.
-        cause = _root_cause(err)
-        code = next((code for kind, code in known_errors.items() if isinstance(cause, kind)), None)
-        if code is None:
-            raise
-        if code == EXIT_STORAGE_UNREACHABLE:
-            return _fail(code, f"{cause}; committed work is kept: re-run the same command once storage answers")
-        return _fail(code, cause)
-    _print_summary(summary)
-    if summary.failed_files:
-        return _fail(EXIT_INCOMPLETE, f"{len(summary.failed_files)} input files could not be read to their end")
+        summary = run_embedding_job(config, overwrite=args.overwrite, on_progress=None if args.quiet else display)
+    except RunIncompleteError as err:
+        display.close()
+        print_summary(err.summary)
+        raise
+    display.close()
+    print_summary(summary)
     return EXIT_OK
 
 
-def _print_summary(summary) -> None:
-    print("\nembedding finished")
-    for line in summary.lines():
-        print(f"  {line}")
-
-
-class _KnownErrorFilter(logging.Filter):
-    """Drops Ray Data's console records about an error this CLI reports itself in one line.
-
-    Ray Data logs an exception raised in a read task as an internal error, with two tracebacks; the
-    records still reach Ray Data's log file. Errors of any other kind keep their traceback.
-    """
-
-    def __init__(self, known: tuple[type[BaseException], ...]) -> None:
-        super().__init__()
-        self.known = known
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
-        seen = set()
-        while err is not None and id(err) not in seen:
-            seen.add(id(err))
-            if isinstance(err, self.known):
-                return False
-            err = getattr(err, "cause", None) or _actor_init_error(err) or err.__cause__ or err.__context__
-        return True
-
-
-def _hide_ray_tracebacks_of(known: tuple[type[BaseException], ...]) -> None:
-    import ray.data  # noqa: F401  (configures Ray Data's logging, whose handlers get the filter)
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.addFilter(_KnownErrorFilter(known))
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """The user-facing exception inside Ray's task-error wrappers."""
+def _user_error(err: BaseException) -> PipelineError | None:
+    """The error a user can act on behind err, unwrapping Ray's task and actor errors; None for a bug."""
     import ray.exceptions
 
-    while True:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, BaseException):
-            err = err.cause
-        elif (init_error := _actor_init_error(err)) is not None:
-            err = init_error
-        else:
-            return err
+            err = err.cause  # the wrapper is an instance of its cause's class too, but says only where it ran
+            continue
+        found = as_pipeline_error(err)
+        if found is not None:
+            return found
+        err = _actor_init_error(err) or err.__cause__ or err.__context__
+    return None
 
 
 def _actor_init_error(err: BaseException) -> BaseException | None:
@@ -229,9 +197,18 @@ def _actor_init_error(err: BaseException) -> BaseException | None:
     return None
 
 
-def _fail(code: int, err: BaseException | str) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return code
+def _hide_ray_tracebacks_of_user_errors() -> None:
+    """Ray Data logs an exception raised in a task as an internal error, with two tracebacks; for an error
+    this CLI reports itself in one line, drop those console records (Ray Data's log file keeps them)."""
+    import ray.data  # noqa: F401  (configures Ray Data's logging, whose handlers get the filter)
+
+    def not_a_user_error(record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return err is None or _user_error(err) is None
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(not_a_user_error)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import SettingsError
+from pipeline.model.devices import DEVICE_PATTERN, GPU_ONLY_ATTENTION, HALF_DTYPES, compute_dtype
+from pipeline.model.embedding_defaults import POOLINGS
+
 DEFAULT_MODEL = "chandar-lab/NeoBERT"
+# The dead-letter rate above which a run fails (exit 8) unless max_error_rate says otherwise.
+DEFAULT_MAX_ERROR_RATE = 0.05
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A config file or flag has an unknown key or a bad value."""
 
 
@@ -90,7 +96,7 @@ class JobConfig(BaseModel):
     """Field (JSONL) or column (Parquet) holding the document text."""
     id_field: str | None = None
     """Field holding a document id; without it, ids are '<shard path>#<row>'."""
-    pooling: Literal["cls", "mean", "max", "mean_sqrt_len", "last"] | None = None
+    pooling: Literal[POOLINGS] | None = None
     """cls: first-token vector; mean/max over tokens; mean_sqrt_len: sum / sqrt(length); last: last token.
     Default: what a sentence-transformers checkpoint declares, else cls for NeoBERT (its model card) and
     mean for other encoders."""
@@ -105,8 +111,9 @@ class JobConfig(BaseModel):
     flag and reject read every shard's ids once before embedding."""
     strict: bool = False
     """Stop at the first bad row or unreadable file, naming it, instead of recording it in errors/."""
-    max_error_rate: float | None = Field(None, ge=0, le=1)
-    """Fail the run (exit 8) when more than this fraction of rows were dead-lettered; 0.01 = 1%."""
+    max_error_rate: float = Field(DEFAULT_MAX_ERROR_RATE, ge=0, le=1)
+    """Fail the run (exit 8) when more than this fraction of rows were dead-lettered (0.01 = 1%); 1 never
+    fails on dead letters. A run that embeds nothing at all fails whatever this says."""
     long_documents: Literal["truncate", "chunk", "chunk-mean"] = "truncate"
     """Documents past max_length tokens: truncate (flagged per row); chunk into windows of max_length
     tokens sharing chunk_overlap tokens, one output row per window with its character span; or
@@ -116,7 +123,7 @@ class JobConfig(BaseModel):
     output_dtype: Literal["float32", "float16"] = "float32"
     """Element type of the stored embeddings."""
     device: str = "auto"
-    """auto, cpu or cuda for the embedding actors."""
+    """auto, cpu, cuda or cuda:N for the embedding actors; auto is cuda when gpus_per_actor > 0, else cpu."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Compute dtype; default bfloat16 on GPU, float32 on CPU."""
     attention: Literal["auto", "varlen", "flash_attn", "sdpa"] = "auto"
@@ -143,11 +150,46 @@ class JobConfig(BaseModel):
     model_label: str | None = None
     """Free text stored with the model in the run record (the demo marks a random fallback model here)."""
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+        return value
+
     @model_validator(mode="after")
     def _duplicates_need_ids(self) -> JobConfig:
         if self.duplicate_ids != "keep" and self.id_field is None:
             raise ValueError(f"duplicate_ids={self.duplicate_ids} needs id_field: derived ids never repeat")
         return self
+
+    @model_validator(mode="after")
+    def _device_fits_resources(self) -> JobConfig:
+        gpus = self.actors.gpus_per_actor
+        if self.device.startswith("cuda") and gpus == 0:
+            raise ValueError(f"device {self.device} needs GPUs: set actors.gpus_per_actor (--gpus-per-actor 1)")
+        if self.device == "cpu" and gpus > 0:
+            raise ValueError(f"device cpu never uses the {gpus:g} GPUs per actor it would reserve: drop them")
+        if self.attention in GPU_ONLY_ATTENTION:
+            dtype = compute_dtype(self.actor_device, self.dtype)
+            if not self.actor_device.startswith("cuda") or dtype not in HALF_DTYPES:
+                raise ValueError(
+                    f"attention {self.attention} runs on CUDA GPUs in {' or '.join(HALF_DTYPES)}, not on "
+                    f"{self.actor_device} in {dtype}; use attention auto or sdpa"
+                )
+        return self
+
+    @property
+    def actor_device(self) -> str:
+        """The device the embedding actors run on: device, with auto settled by gpus_per_actor."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.actors.gpus_per_actor > 0 else "cpu"
+
+    def model_storage_options(self) -> dict[str, Any]:
+        """fsspec options for the model's URL (storage settings apply to s3:// models too)."""
+        protocol = self.model.split("://", 1)[0] if "://" in self.model else "file"
+        return self.storage.fsspec_options(protocol)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> JobConfig:

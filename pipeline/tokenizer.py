@@ -9,6 +9,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from pipeline.errors import ModelError, SettingsError
+
 
 @dataclass(frozen=True)
 class TokenizedChunks:
@@ -73,7 +75,7 @@ class TextTokenizer:
         elif not neobert:
             tokenizer = _converted_fast_tokenizer(folder)
         else:
-            raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.txt")
+            raise ModelError(f"{folder} has neither tokenizer.json nor vocab.txt; add the checkpoint's tokenizer files")
         return cls(tokenizer, max_length, lowercase=lowercase)
 
     def to_json(self) -> str:
@@ -138,7 +140,7 @@ class TextTokenizer:
 def check_chunk_overlap(overlap: int, max_length: int) -> None:
     """A window of max_length tokens holds 2 special tokens; the overlap must leave room for new ones."""
     if not 0 <= overlap < max_length - 2:
-        raise ValueError(
+        raise SettingsError(
             f"chunk overlap must be at least 0 and below the window of {max_length} tokens less its 2 special "
             f"tokens, got {overlap}"
         )
@@ -158,7 +160,7 @@ def bert_uncased_wordpiece(vocab_file: Path) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     if cls_id is None or sep_id is None:
-        raise ValueError(f"{vocab_file} lacks [CLS] or [SEP]; is it a BERT WordPiece vocabulary?")
+        raise ModelError(f"{vocab_file} lacks [CLS] or [SEP]; is it a BERT WordPiece vocabulary?")
     tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
     tokenizer.decoder = decoders.WordPiece()
     return tokenizer
@@ -171,7 +173,7 @@ def _converted_fast_tokenizer(folder: Path) -> Tokenizer:
     try:
         return AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=False).backend_tokenizer
     except (OSError, ValueError, AttributeError) as err:
-        raise FileNotFoundError(
+        raise ModelError(
             f"{folder} has no tokenizer.json, and transformers could not build a fast tokenizer from its other "
             f"files ({err}); add the model's tokenizer.json"
         ) from err

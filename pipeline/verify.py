@@ -1,4 +1,4 @@
-"""`verify` proves an output's guarantees against its inputs; `status` shows how far a job got."""
+"""`verify`: prove an output's guarantees against its inputs."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import StorageConfig
+from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.io.manifest import ERRORS, FAILED, PARTS, RUN_RECORD, join, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
 from pipeline.io.schemas import ERRORS_SCHEMA, output_schema
 from pipeline.io.shards import shard_fingerprint
 from pipeline.io.sink import ranges_of
 from pipeline.io.storage import filesystem_for
+from pipeline.summary import bad_row_rate
 
 MAX_LISTED = 5
 
@@ -142,6 +143,7 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
         _check_fingerprints(inputs, storage, report)
 
     dead = sum(c.error_rows for c in state.commits)
+    _check_dead_letter_rate(record, state, report)
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
@@ -150,6 +152,23 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
     if failed:
         report.facts.append(f"{len(failed)} files failed part way, recorded in {FAILED}/: {_first(failed)}")
     return report
+
+
+def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
+    """Dead letters are accounted for, but an output of little else is no success."""
+    rows = state.committed_rows
+    ceiling = record["runs"][-1].get("max_error_rate", DEFAULT_MAX_ERROR_RATE) if record.get("runs") else None
+    ceiling = DEFAULT_MAX_ERROR_RATE if ceiling is None else ceiling
+    rate = bad_row_rate(state.error_counts(), rows)
+    if rows and not state.embedded_rows:
+        report.problems.append(f"nothing is embedded: all {rows:,} input rows were dead-lettered; see {ERRORS}/")
+    elif rate > ceiling:
+        report.problems.append(
+            f"{rate:.2%} of the rows were dead-lettered as bad input, above the {ceiling:.2%} the last run "
+            f"allowed; see {ERRORS}/"
+        )
+    else:
+        report.facts.append(f"bad-input dead-letter rate {rate:.2%}, within the {ceiling:.2%} allowed")
 
 
 def _check_fingerprints(inputs: list[dict], storage: StorageConfig, report: VerifyReport) -> None:
@@ -169,36 +188,6 @@ def _check_fingerprints(inputs: list[dict], storage: StorageConfig, report: Veri
         report.facts.append("input fingerprints unchanged")
 
 
-def output_status(output_url: str, storage: StorageConfig | None = None) -> list[str]:
-    """A few lines on how far the job writing this output got."""
-    fs, root = filesystem_for(output_url, storage or StorageConfig())
-    if not fs.exists(join(root, RUN_RECORD)):
-        return [f"{output_url}: no run record; no job has started writing here"]
-    record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
-    state = read_state(fs, root)
-    inputs = [i for g in record["generations"] for i in g["inputs"]]
-    committed = state.committed_ranges()
-    complete = [i for i in inputs if state.shard_complete(i["url"], committed)]
-    failed = state.failed_part_way()
-    rows_known = sum(d.rows for d in state.shards_done.values()) + sum(f.rows_read for f in failed)
-    lines = [
-        f"output      {output_url}",
-        f"model       {record['settings']['model_source']} ({record['settings']['model_weights_sha256'][:12]})",
-        f"rows        {state.committed_rows:,} committed"
-        + (f" of {rows_known:,} in shards read so far" if rows_known else ""),
-        f"shards      {len(complete)} of {len(inputs)} complete, {len(state.shards_done)} read to the end, "
-        f"{len(failed)} failed part way",
-        f"parts       {len(state.commits)} committed, {len(state.staged | set(state.leftovers))} uncommitted leftovers",
-        f"errors      {_counts(state.error_counts())}",
-    ]
-    if record.get("runs"):
-        last = record["runs"][-1]
-        lines.append(f"last run    {last['documents']:,} documents in {last['wall_s']:.0f}s, finished")
-    elif state.commits:
-        lines.append("last run    unfinished (stopped or still running)")
-    return lines
-
-
 def _schema_shape(schema: pa.Schema) -> list[tuple]:
     """Column names and types, ignoring the name of a list's child field (Parquet writers differ)."""
     shape = []
@@ -208,10 +197,6 @@ def _schema_shape(schema: pa.Schema) -> list[tuple]:
         else:
             shape.append((f.name, str(f.type)))
     return shape
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {n:,}" for reason, n in counts.items()) or "none"
 
 
 def _first(items: list) -> str:

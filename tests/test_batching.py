@@ -26,6 +26,13 @@ def test_batches_respect_the_budget_unless_one_document_is_larger(lengths, max_t
         assert (np.diff(lengths[batch]) <= 0).all()  # longest first
 
 
+@given(lengths_strategy, st.integers(min_value=1, max_value=2048), st.integers(min_value=1, max_value=20))
+def test_max_rows_caps_every_batch_and_loses_nothing(lengths, max_tokens, max_rows):
+    batches = plan_batches(np.array(lengths), max_tokens, max_rows=max_rows)
+    assert all(len(b) <= max_rows for b in batches)
+    assert sorted(np.concatenate(batches).tolist() if batches else []) == list(range(len(lengths)))
+
+
 def test_budget_is_filled_greedily():
     batches = plan_batches(np.array([3, 5, 2, 5, 1]), max_tokens=10)
     assert [b.tolist() for b in batches] == [[1, 3], [0, 2, 4]]

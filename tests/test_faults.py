@@ -170,11 +170,14 @@ def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
     _, docs = corpus
     from botocore.exceptions import EndpointConnectionError
 
-    from pipeline.cli import _root_cause
+    from pipeline.cli import _user_error
+    from pipeline.errors import StorageUnreachableError
 
     with pytest.raises(EndpointConnectionError) as failure:
         _write_to_s3_with_an_outage(flaky_s3, corpus, tiny_checkpoint, outage_s=None, max_attempts=2)
-    assert f'Could not connect to the endpoint URL: "{proxy.url}' in str(_root_cause(failure.value))
+    reported = _user_error(failure.value)  # what the CLI prints: one line, and exit 7
+    assert isinstance(reported, StorageUnreachableError) and reported.exit_code == 7
+    assert f'Could not connect to the endpoint URL: "{proxy.url}' in str(reported) and "re-run" in str(reported)
     proxy.start()
     # A re-run is a new driver: the failed one's Ray goes with it, and with it the embedding actors
     # Ray Data leaves running (ray-project/ray#24948; see test_a_failed_job_stops_the_local_ray_it_started).
@@ -207,7 +210,7 @@ def test_a_failed_job_stops_the_local_ray_it_started(tmp_path, tiny_checkpoint):
     import ray
 
     from pipeline.config import load_config
-    from pipeline.io.readers import BadInputError
+    from pipeline.errors import BadInputError
     from pipeline.job import run_embedding_job
 
     ray.shutdown()  # this job starts Ray itself, as a library user's script does

@@ -9,10 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 
-from pipeline.cli import EXIT_BAD_SETTINGS, EXIT_MODEL, EXIT_NO_INPUT, EXIT_OK, EXIT_OUTPUT_CONFLICT, main
+from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.errors import EXIT_OK, ModelError, NoInputError, OutputConflictError, SettingsError
 from pipeline.io.manifest import PARTS, RUN_RECORD
-from pipeline.job import SettingsMismatchError, run_embedding_job
+from pipeline.io.run_record import SettingsMismatchError
+from pipeline.job import run_embedding_job
 
 
 def run(input_url: str, output_url: str, model, **settings):
@@ -61,7 +63,7 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
         key = row["shard"].removeprefix(f"s3://{s3.bucket}/")
         assert shards[key][row["row"]]["id"] == row["id"]
     record = json.loads(s3.cat(f"{s3.bucket}/out/{RUN_RECORD}"))
-    assert record["settings"]["model_weights_sha256"] == tiny_encoder.info.weights_sha256
+    assert record["settings"]["model_weights_sha256"] == tiny_encoder.facts.weights_sha256
     assert record["settings"]["pooling"] == "cls" and record["settings"]["compute_dtype"] == "float32"
     inputs = record["generations"][0]["inputs"]
     assert [i["url"] for i in inputs] == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
@@ -124,7 +126,7 @@ def test_model_loads_from_an_s3_url(s3, s3_endpoint, tiny_checkpoint, tiny_encod
         cache_dir=str(tmp_path),
         storage_options={"endpoint_url": s3_endpoint},
     )
-    assert encoder.info.weights_sha256 == tiny_encoder.info.weights_sha256
+    assert encoder.facts.weights_sha256 == tiny_encoder.facts.weights_sha256
     texts = ["object storage", "model weights from a URL"]
     np.testing.assert_array_equal(encoder.encode(texts), tiny_encoder.encode(texts))
 
@@ -157,18 +159,18 @@ def test_cli_embeds_and_reports_known_errors_with_exit_codes(ray_local, tmp_path
     assert read_output(tmp_path / "out").num_rows == 8
 
     assert main(["embed", str(tmp_path / "nothing-here"), str(tmp_path / "o2"), "--model", str(tiny_checkpoint)]) == (
-        EXIT_NO_INPUT
+        NoInputError.exit_code
     )
     assert "does not exist" in capsys.readouterr().err
     args = ["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint), "--id-field", "id"]
     assert main(args) == EXIT_OK
     assert "already complete: 8 rows" in capsys.readouterr().out
-    assert main([*args, "--normalize"]) == EXIT_OUTPUT_CONFLICT
+    assert main([*args, "--normalize"]) == OutputConflictError.exit_code
     assert "normalize: stored False, now True" in capsys.readouterr().err
     assert main([*args, "--normalize", "--overwrite"]) == EXIT_OK
     config = tmp_path / "bad.yaml"
     config.write_text("input: x\noutput: y\npooling: median\nbatchsize: 3\n")
-    assert main(["embed", "--config", str(config)]) == EXIT_BAD_SETTINGS
+    assert main(["embed", "--config", str(config)]) == SettingsError.exit_code
     err = capsys.readouterr().err
     assert "pooling" in err and "batchsize: Extra inputs are not permitted" in err
 
@@ -201,13 +203,13 @@ def test_an_actor_that_loads_other_weights_than_the_run_record_fails_the_job(
     ray_local, tmp_path, tiny_checkpoint, monkeypatch, capsys
 ):
     # As if a node held another copy of the model at the same path: the driver's digest is not the actor's.
-    import pipeline.job
+    import pipeline.model.inspection
 
-    monkeypatch.setattr(pipeline.job, "weights_sha256", lambda folder: "0" * 64)
+    monkeypatch.setattr(pipeline.model.inspection, "hash_weights", lambda folder: "0" * 64)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(make_docs(20, seed=3, prefix="w")))
     args = ["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
-    assert main(args) == EXIT_MODEL
+    assert main(args) == ModelError.exit_code
     err = capsys.readouterr().err
     assert "driver read 000000000000..." in err and "must load the same checkpoint" in err
     assert not list((tmp_path / "out").glob(f"{PARTS}/*.parquet")), "no vector from other weights is published"

@@ -56,6 +56,7 @@ def run(tmp_path, checkpoint, mode: str):
         "long_documents": mode,
         "chunk_overlap": OVERLAP,
         "tokens_per_batch": 96,  # smaller than a long document's windows: they must still stay together
+        "max_error_rate": 0.2,  # one of the 9 rows is an empty text on purpose
     }
     return run_embedding_job(load_config(None, settings))
 
@@ -100,10 +101,10 @@ def test_chunk_mean_pools_the_windows_back_into_one_vector(ray_local, tmp_path, 
 
 
 def test_an_overlap_that_leaves_no_room_is_refused(tmp_path, tiny_checkpoint):
-    from pipeline.model.embedding_defaults import EmbeddingSettingsError
+    from pipeline.errors import SettingsError
 
     write_corpus(tmp_path / "in")
     settings = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": str(tiny_checkpoint)}
     config = load_config(None, {**settings, "max_length": 16, "long_documents": "chunk", "chunk_overlap": 14})
-    with pytest.raises(EmbeddingSettingsError, match="--chunk-overlap 14"):
+    with pytest.raises(SettingsError, match="--chunk-overlap 14"):
         run_embedding_job(config)

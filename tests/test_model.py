@@ -13,11 +13,12 @@ from reference_neobert import reference_hidden_states, rope_complex
 from safetensors.torch import load_file, save_file
 
 from pipeline import Encoder
-from pipeline.model import PRESETS, NeoBERTConfig, elementwise
+from pipeline.model import PRESETS, NeoBERTConfig, neobert
 from pipeline.model.attention import available_attention
-from pipeline.model.checkpoint import CheckpointError, load_neobert
+from pipeline.model.checkpoint import CheckpointError
 from pipeline.model.neobert import positions_from_cu_seqlens, rope_rotations
 from pipeline.model.state_dict_adapter import CheckpointKeyError
+from pipeline.model.weights import load_neobert
 
 ATTENTION_HERE = available_attention(
     torch.device("cuda" if torch.cuda.is_available() else "cpu"),
@@ -67,7 +68,7 @@ def test_config_of_another_model_type_is_refused():
 
 
 def test_released_model_has_172_tensors_in_released_names(tmp_path, vocab_file):
-    from pipeline.model.checkpoint import write_random_checkpoint
+    from pipeline.model.weights import write_random_checkpoint
 
     # The real shape, written once in the released layout: names and count must match the Hub file.
     folder = write_random_checkpoint(tmp_path, PRESETS["neobert"], vocab_file)
@@ -161,9 +162,9 @@ def test_normalize_and_float16_output(tiny_encoder):
 def test_rope_rotates_consecutive_pairs_like_complex_numbers():
     x = torch.randn(10, 3, 8, dtype=torch.float64)
     rotations = rope_rotations(8, 10, 10000.0)
-    ours = elementwise.rope_complex(x.float(), torch.view_as_real(rotations)).double()
+    ours = neobert.rope_complex(x.float(), torch.view_as_real(rotations)).double()
     # The real-arithmetic form (the one torch.compile fuses) is the same rotation.
-    torch.testing.assert_close(elementwise.rope_real(x.float(), torch.view_as_real(rotations)).double(), ours)
+    torch.testing.assert_close(neobert.rope_real(x.float(), torch.view_as_real(rotations)).double(), ours)
     cos, sin = rotations.real, rotations.imag
     torch.testing.assert_close(ours, rope_complex(x, 10000.0), atol=1e-5, rtol=1e-5)
     # The rotate-half convention pairs x[i] with x[i + D/2] instead, and gives another answer.
@@ -277,7 +278,7 @@ def test_a_machine_that_cannot_build_the_kernels_fails_at_load_with_the_way_out(
     def no_compiler(*args):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    broken = dataclasses.replace(elementwise.EAGER, name="compiled", rms_norm=no_compiler)
+    broken = dataclasses.replace(neobert.EAGER, name="compiled", rms_norm=no_compiler)
     monkeypatch.setattr(pipeline.model.neobert, "compiled_ops", lambda: broken)
     with pytest.raises(CompileError, match="No working C\\+\\+ compiler found.*run without --compile"):
         Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", compile=True)

@@ -14,10 +14,11 @@ from conftest import MINILM_DIR, TEXTS
 from sentence_transformers import SentenceTransformer
 
 from pipeline import Encoder
-from pipeline.cli import EXIT_MODEL, EXIT_OK, main
+from pipeline.cli import main
+from pipeline.errors import EXIT_OK, ModelError
 from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.model.checkpoint import UnsupportedModelError
 from pipeline.model.sentence_transformers_meta import UnsupportedSentenceTransformerError
-from pipeline.model.transformers_encoder import UnsupportedModelError
 
 # Past all-MiniLM-L6-v2's 256-token limit, so truncation has to agree too.
 LONG_TEXTS = [
@@ -57,7 +58,7 @@ def assert_cosine_at_least(got: np.ndarray, expected: np.ndarray, minimum: float
 
 def test_minilm_equals_sentence_transformers_with_the_checkpoint_defaults():
     encoder = Encoder.from_pretrained(str(MINILM_DIR), device="cpu")
-    assert (encoder.defaults.pooling, encoder.defaults.normalize, encoder.defaults.max_length) == ("mean", True, 256)
+    assert (encoder.facts.pooling, encoder.facts.normalize, encoder.facts.max_length) == ("mean", True, 256)
     assert encoder.tokenize(LONG_TEXTS).truncated.tolist() == [True, True]
     expected = sentence_transformers_encode(MINILM_DIR, ALL_TEXTS)
     got = encoder.encode(ALL_TEXTS, max_tokens=300)  # small batches: many length buckets, padded within each
@@ -78,8 +79,8 @@ def test_pooling_and_normalize_declared_by_the_checkpoint_are_followed(tmp_path,
     modules = json.loads((MINILM_DIR / "modules.json").read_text())
     folder = minilm_variant(tmp_path, pooling=pooling_config, modules=modules if normalize else modules[:2])
     encoder = Encoder.from_pretrained(str(folder), device="cpu")
-    assert encoder.defaults.normalize is normalize
-    assert encoder.defaults.sources["pooling"] == "sentence-transformers 1_Pooling/config.json"
+    assert encoder.facts.normalize is normalize
+    assert encoder.facts.setting_sources["pooling"] == "sentence-transformers 1_Pooling/config.json"
     np.testing.assert_allclose(
         encoder.encode(ALL_TEXTS), sentence_transformers_encode(folder, ALL_TEXTS), atol=2e-5, rtol=1e-5
     )
@@ -87,7 +88,7 @@ def test_pooling_and_normalize_declared_by_the_checkpoint_are_followed(tmp_path,
 
 def test_explicit_options_win_over_the_checkpoint(tmp_path):
     encoder = Encoder.from_pretrained(str(MINILM_DIR), device="cpu", pooling="cls", normalize=False, max_length=128)
-    assert encoder.defaults.sources == {"pooling": "option", "normalize": "option", "max_length": "option"}
+    assert encoder.facts.setting_sources == {"pooling": "option", "normalize": "option", "max_length": "option"}
     model = SentenceTransformer(str(MINILM_DIR), device="cpu")
     model.max_seq_length = 128
     tokens = model.encode(ALL_TEXTS, output_value="token_embeddings")
@@ -159,7 +160,7 @@ def test_architectures_give_the_same_vectors_batched_as_one_text_at_a_time(tmp_p
     reference.save_pretrained(tmp_path, max_shard_size="200KB" if model_type == "bert" else "1GB")
     shutil.copy(MINILM_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
     encoder = Encoder.from_pretrained(str(tmp_path), device="cpu", max_length=120)
-    assert encoder.defaults.pooling == "mean" and encoder.info.family == "transformers"
+    assert encoder.facts.pooling == "mean" and encoder.facts.family == "transformers"
     texts = [*ALL_TEXTS, "one more", "and a somewhat longer one to pad the others"]
     token_ids = encoder.tokenize(texts).ids
     with torch.inference_mode():
@@ -201,7 +202,7 @@ def test_cli_names_the_refused_stage_with_the_model_exit_code(ray_local, tmp_pat
     folder = minilm_variant(tmp_path, modules=modules)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_text('{"text": "hello"}\n')
-    assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(folder)]) == EXIT_MODEL
+    assert main(["embed", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(folder)]) == ModelError.exit_code
     assert "Dense stage" in capsys.readouterr().err
 
 
@@ -217,7 +218,7 @@ def test_sentence_transformers_checkpoint_loads_from_an_s3_url(s3, s3_endpoint, 
         p.relative_to(next((tmp_path / "checkpoints").iterdir())).as_posix() for p in tmp_path.rglob("*.*")
     )
     assert "1_Pooling/config.json" in fetched and "README.md" not in fetched and "data_config.json" not in fetched
-    assert encoder.defaults.sources["pooling"] == "sentence-transformers 1_Pooling/config.json"
+    assert encoder.facts.setting_sources["pooling"] == "sentence-transformers 1_Pooling/config.json"
     local = Encoder.from_pretrained(str(MINILM_DIR), device="cpu")
-    assert encoder.info.weights_sha256 == local.info.weights_sha256
+    assert encoder.facts.weights_sha256 == local.facts.weights_sha256
     np.testing.assert_array_equal(encoder.encode(ALL_TEXTS), local.encode(ALL_TEXTS))

@@ -28,12 +28,12 @@ def run_python(code: str, env: dict | None = None) -> str:
     return result.stdout
 
 
-def test_modules_the_read_tokenize_and_write_workers_load_do_not_import_torch():
+def test_the_driver_and_the_read_pack_and_write_workers_do_not_import_torch():
     out = run_python(
         """
         import sys
-        import pipeline, pipeline.stages, pipeline.stage_reports, pipeline.progress
-        import pipeline.io.datasource, pipeline.io.sink
+        import pipeline, pipeline.stages.pack, pipeline.stages.reports, pipeline.stages.read, pipeline.progress
+        import pipeline.io.sink, pipeline.config, pipeline.job, pipeline.cli
         print("torch" in sys.modules)
         """
     )

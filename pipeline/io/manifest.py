@@ -187,6 +187,10 @@ class OutputState:
     def committed_rows(self) -> int:
         return sum(c.rows for c in self.commits)
 
+    @property
+    def embedded_rows(self) -> int:
+        return sum(c.embedded_rows for c in self.commits)
+
     def error_counts(self) -> dict[str, int]:
         """Dead-lettered rows by reason, plus one per failed file under 'file:<reason>'."""
         counts: dict[str, int] = {}
@@ -247,6 +251,18 @@ def recover(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
     state.staged = set()
     state.leftovers = []
     return state
+
+
+def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> str | None:
+    """'<reason>: <message> (<shard> row <row>)' for one dead letter of the commonest reason, or None."""
+    counts = {reason: n for reason, n in state.error_counts().items() if not reason.startswith("file:")}
+    if not counts:
+        return None
+    reason = max(counts, key=counts.get)
+    commit = next(c for c in state.commits if c.error_counts.get(reason))
+    errors = pq.read_table(fs.open(join(root, ERRORS, f"{commit.part}.parquet"), "rb"))
+    row = next(r for r in errors.to_pylist() if r["reason"] == reason)
+    return f"{reason}: {row['message']} ({row['shard']} row {row['row']})"
 
 
 def write_shard_done(fs: fsspec.AbstractFileSystem, root: str, done: ShardDone) -> None:

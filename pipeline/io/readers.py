@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
+from pipeline.errors import BadInputError
 from pipeline.faults import failpoint
 from pipeline.io.ranges import Range, contains
 from pipeline.io.shards import Shard
@@ -37,10 +38,6 @@ ROW_SCHEMA = pa.schema(
 EXCERPT_CHARS = 200
 # Bytes looked at to tell a binary file from text.
 SNIFF_BYTES = 8192
-
-
-class BadInputError(ValueError):
-    """A shard or row that cannot be read (strict mode); the message names the file and row."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +171,7 @@ def _line_records(fs, path, shard: Shard, text_field: str, id_field: str | None)
                 yield None, None, _problem("invalid_utf8", f"invalid UTF-8 at byte {err.start}", raw)
                 continue
             if shard.format == "text":
-                yield (None, *_checked_text(line, line))
+                yield (None, *_checked_text(line, lambda line=line: line))
             elif not line.strip():
                 yield None, None, _problem("empty_line", "an empty line where a JSON object was expected", line)
             else:
@@ -212,19 +209,20 @@ def _json_record(line: str, text_field: str, id_field: str | None):
     if text_field not in record:
         message = f"no field {text_field!r}; is --text-field correct? Fields: {sorted(record)}"
         return doc_id, None, _problem("missing_text", message, line)
-    return (doc_id, *_checked_text(record[text_field], line, text_field))
+    return (doc_id, *_checked_text(record[text_field], lambda: line, text_field))
 
 
-def _checked_text(value, raw, field: str = "text") -> tuple[str | None, RowProblem | None]:
+def _checked_text(value, raw: Callable[[], str], field: str = "text") -> tuple[str | None, RowProblem | None]:
+    """(text, None) for a good text; else (None, the problem, with raw() as its excerpt)."""
+    if isinstance(value, str) and value.strip() and "\x00" not in value:
+        return value, None  # the good path: nothing else is computed
     if value is None:
-        return None, _problem("null_text", f"field {field!r} is null", raw)
+        return None, _problem("null_text", f"field {field!r} is null", raw())
     if not isinstance(value, str):
-        return None, _problem("non_string_text", f"field {field!r} is a {type(value).__name__}, not a string", raw)
+        return None, _problem("non_string_text", f"field {field!r} is a {type(value).__name__}, not a string", raw())
     if "\x00" in value:
-        return None, _problem("nul_bytes", "the text holds NUL bytes (binary data?); remove them upstream", raw)
-    if not value.strip():
-        return None, _problem("empty_text", "the text is empty or only whitespace", raw)
-    return value, None
+        return None, _problem("nul_bytes", "the text holds NUL bytes (binary data?); remove them upstream", raw())
+    return None, _problem("empty_text", "the text is empty or only whitespace", raw())
 
 
 def _problem(reason: str, message: str, raw: str | bytes) -> RowProblem:
@@ -251,8 +249,11 @@ def _parquet_records(fs, path, shard: Shard, text_field: str, id_field: str | No
             texts = batch.column(text_field).to_pylist()
             ids = batch.column(id_field).to_pylist() if id_field else [None] * len(texts)
             for text, doc_id in zip(texts, ids, strict=True):
-                raw = json.dumps({text_field: text, **({id_field: doc_id} if id_field else {})}, default=str)
+
+                def raw(text=text, doc_id=doc_id) -> str:  # the row as JSON, only for a row that is a problem
+                    return json.dumps({text_field: text, **({id_field: doc_id} if id_field else {})}, default=str)
+
                 if id_field is not None and doc_id is None:
-                    yield None, None, _problem("missing_id", f"null id in column {id_field!r}", raw)
+                    yield None, None, _problem("missing_id", f"null id in column {id_field!r}", raw())
                     continue
                 yield (None if doc_id is None else str(doc_id), *_checked_text(text, raw, text_field))

@@ -6,14 +6,12 @@ from dataclasses import dataclass
 
 import fsspec
 
+from pipeline.errors import NoInputError
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
-
-
-class NoInputError(FileNotFoundError):
-    """The input URL matched no shard."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import SettingsError
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 AttentionName = Literal["auto", "varlen", "flash_attn", "sdpa"]
 
@@ -86,9 +88,9 @@ def select_attention(name: str, device: torch.device, dtype: torch.dtype) -> tup
     if name == "auto":
         name = available[0]
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+        raise SettingsError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     if name not in available:
-        raise ValueError(
+        raise SettingsError(
             f"attention backend {name!r} cannot run on {device.type} with {dtype}; "
             f"available here: {', '.join(available)}"
         )

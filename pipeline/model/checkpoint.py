@@ -1,6 +1,7 @@
-"""Find a checkpoint (Hub id, local folder or fsspec URL), tell NeoBERT from other encoders, load NeoBERT.
+"""Find a checkpoint (Hub id, local folder or fsspec URL), fetch its files, tell NeoBERT from other encoders.
 
-Safetensors only: pickled weights can run code when loaded and are refused.
+Safetensors only: pickled weights can run code when loaded and are refused. Only the files listed in
+CHECKPOINT_FILES are ever fetched: weights, tokenizer and sentence-transformers metadata; no code.
 """
 
 from __future__ import annotations
@@ -10,27 +11,20 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from pipeline.model.neobert import NeoBERT, NeoBERTConfig
-from pipeline.model.state_dict_adapter import CheckpointKeyError, to_checkpoint, to_native
+from pipeline.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHT_FILES = (WEIGHTS_FILE, "model-*-of-*.safetensors")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
-# Only these files are ever fetched: weights, tokenizer and sentence-transformers metadata; no code, no pickles.
-CHECKPOINT_FILES = (
+METADATA_FILES = (
     "config.json",
-    WEIGHTS_FILE,
     SHARDED_WEIGHTS_INDEX,
-    "model-*-of-*.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -43,24 +37,26 @@ CHECKPOINT_FILES = (
     "config_sentence_transformers.json",
     "*_Pooling/config.json",
 )
+CHECKPOINT_FILES = (*METADATA_FILES, *WEIGHT_FILES)
 # The two kinds of checkpoint: NeoBERT runs on the native model, everything else through transformers.
 NEOBERT = "neobert"
 TRANSFORMERS = "transformers"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# These add padding_idx + 1 to every position id, so the usable length is max_position_embeddings - that.
+_POSITIONS_OFFSET_BY_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError):
     """A checkpoint could not be found, fetched or trusted."""
 
 
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """A NeoBERT encoder with where it came from."""
+class UnsupportedModelError(ModelError):
+    """The checkpoint's architecture is not one transformers can run without remote code."""
 
-    model: NeoBERT
-    config: NeoBERTConfig
-    folder: Path
-    weights_sha256: str
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where fetched checkpoints and weight digests are kept between runs."""
+    return Path(cache_dir or os.environ.get("NEOBERT_PIPELINE_CACHE", "~/.cache/neobert-pipeline")).expanduser()
 
 
 def resolve_checkpoint(
@@ -68,22 +64,29 @@ def resolve_checkpoint(
     revision: str | None = None,
     cache_dir: str | None = None,
     storage_options: dict | None = None,
+    *,
+    weights: bool = True,
 ) -> Path:
     """Local folder holding the checkpoint files, fetching them from the Hub or an fsspec URL if needed.
 
-    storage_options go to the fsspec filesystem of a URL (e.g. {"endpoint_url": ...} for MinIO).
+    weights=False fetches only the small files from the Hub (config, tokenizer, sentence-transformers
+    metadata): what the driver needs. storage_options go to the fsspec filesystem of a URL.
     """
+    from_hub = False
     if "://" in name_or_path:
         folder = _fetch_url(name_or_path, cache_dir, storage_options or {})
     elif Path(name_or_path).expanduser().is_dir():
         folder = Path(name_or_path).expanduser()
     elif _HUB_ID.match(name_or_path) and not Path(name_or_path).exists():
-        folder = _fetch_hub(name_or_path, revision, cache_dir)
+        folder, from_hub = _fetch_hub(name_or_path, revision, cache_dir, weights=weights), True
     else:
         raise CheckpointError(
             f"{name_or_path!r} is neither a folder, a URL (s3://..., gs://...) nor a Hub id (owner/name)"
         )
-    _check_weights_format(folder, name_or_path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{name_or_path} has no config.json; is it the checkpoint folder?")
+    if weights or not from_hub:  # a Hub snapshot without weights is checked when they are fetched
+        _check_weights_format(folder, name_or_path)
     return folder
 
 
@@ -99,17 +102,13 @@ def _check_weights_format(folder: Path, source: str) -> None:
     raise CheckpointError(f"{source} has no {WEIGHTS_FILE}")
 
 
-def _fetch_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+def _fetch_hub(repo_id: str, revision: str | None, cache_dir: str | None, *, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    patterns = [*CHECKPOINT_FILES, *PICKLE_WEIGHTS] if weights else list(METADATA_FILES)
     try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            allow_patterns=[*CHECKPOINT_FILES, *PICKLE_WEIGHTS],
-        )
+        path = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except LocalEntryNotFoundError as err:
         raise CheckpointError(
             f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not in the local cache; "
@@ -120,13 +119,36 @@ def _fetch_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Pat
     return Path(path)
 
 
+def published_weights_sha256(name_or_path: str, revision: str | None, folder: Path) -> str | None:
+    """The weights' SHA-256 as the Hub publishes it (the LFS object id), without downloading them.
+
+    The same digest weights.weights_sha256 computes from the files. None for folders and URLs, or when
+    the Hub does not answer or publishes no digest for a file.
+    """
+    if "://" in name_or_path or Path(name_or_path).expanduser().exists() or not _HUB_ID.match(name_or_path):
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    index = folder / SHARDED_WEIGHTS_INDEX
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
+    try:
+        infos = {i.path: i for i in HfApi().get_paths_info(name_or_path, names, revision=revision)}
+    except (HfHubHTTPError, OSError) as err:  # offline, or the Hub refused: hash the files instead
+        log.info("no published digest for %s (%s); hashing its weights", name_or_path, err)
+        return None
+    digests = [getattr(getattr(infos.get(name), "lfs", None), "sha256", None) for name in names]
+    if not all(digests):
+        return None
+    return digests[0] if not index.is_file() else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
 def _fetch_url(url: str, cache_dir: str | None, storage_options: dict) -> Path:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
     root = root.rstrip("/")
-    cache = Path(cache_dir or os.environ.get("NEOBERT_PIPELINE_CACHE", "~/.cache/neobert-pipeline")).expanduser()
-    folder = cache / "checkpoints" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder = cache_root(cache_dir) / "checkpoints" / hashlib.sha256(url.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     present = {Path(p).name for p in fs.ls(root, detail=False)}
     if "config.json" not in present:
@@ -154,21 +176,29 @@ def _download(fs, remote: str, target: Path) -> None:
         tmp.replace(target)  # a crash mid-download never leaves a half file under the real name
 
 
-def sha256_of_file(path: Path) -> str:
+def sha256_of_file(path: Path, cache_dir: str | None = None) -> str:
+    """SHA-256 of a file, remembered by path, size and modification time so a file is hashed once."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    remembered = cache_root(cache_dir) / "digests" / key
+    if remembered.is_file():
+        return remembered.read_text().strip()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
+    _remember(remembered, digest.hexdigest())
     return digest.hexdigest()
 
 
-def checkpoint_family(folder: Path) -> str:
-    """NEOBERT for a NeoBERT config.json (its model_type), TRANSFORMERS for any other model type."""
-    with open(folder / "config.json") as f:
-        model_type = json.load(f).get("model_type")
-    if not model_type:
-        raise CheckpointError(f"{folder / 'config.json'} names no model_type; is it a model checkpoint?")
-    return NEOBERT if str(model_type).lower() == NEOBERT else TRANSFORMERS
+def _remember(path: Path, digest: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(digest)
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs a second hashing next time
+        pass
 
 
 def weights_sha256(folder: Path) -> str:
@@ -180,59 +210,35 @@ def weights_sha256(folder: Path) -> str:
     return hashlib.sha256("".join(sha256_of_file(folder / name) for name in shards).encode()).hexdigest()
 
 
-def load_neobert_config(folder: Path) -> NeoBERTConfig:
+def checkpoint_family(folder: Path) -> str:
+    """NEOBERT for a NeoBERT config.json (its model_type), TRANSFORMERS for any other model type."""
     with open(folder / "config.json") as f:
-        return NeoBERTConfig.from_json_dict(json.load(f))
+        model_type = json.load(f).get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{folder / 'config.json'} names no model_type; is it a model checkpoint?")
+    return NEOBERT if str(model_type).lower() == NEOBERT else TRANSFORMERS
 
 
-def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
-    """Build NeoBERT from folder/config.json and load model.safetensors with strict key and shape checks."""
-    config = load_neobert_config(folder)
-    with torch.device("meta"):  # no random init of weights about to be replaced (seconds at full size)
-        model = NeoBERT(config)
-    state = to_native(load_file(folder / WEIGHTS_FILE))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise CheckpointKeyError(f"{folder / WEIGHTS_FILE} lacks encoder tensors: {missing}")
-    wrong_shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if wrong_shapes:
-        raise CheckpointKeyError(f"{folder / WEIGHTS_FILE} disagrees with config.json: {wrong_shapes}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device=device, dtype=dtype).eval()
-    return LoadedCheckpoint(model, config, folder, weights_sha256(folder))
+def hidden_size(folder: Path) -> int:
+    """Width of the vectors the checkpoint makes, from its config.json."""
+    raw = json.loads((folder / "config.json").read_text())
+    width = raw.get("hidden_size") or raw.get("dim") or raw.get("d_model")  # DistilBERT: dim
+    if not width:
+        raise UnsupportedModelError(
+            f"{folder / 'config.json'} (model type {raw.get('model_type')!r}) gives no hidden size; the pipeline "
+            "runs NeoBERT and the encoders built into transformers, never code shipped with a checkpoint"
+        )
+    return int(width)
 
 
-def write_random_checkpoint(
-    folder: Path, config: NeoBERTConfig, vocab_file: Path, *, layout: str = "released", seed: int = 0
-) -> Path:
-    """Write a randomly initialised NeoBERT in the released file layout (or the bare-encoder layout).
-
-    For tests and for the offline demo; weights are drawn so activations stay in a sane range.
-    """
-    if layout not in ("released", "bare"):
-        raise ValueError(f"layout must be 'released' or 'bare', not {layout!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    native = {}
-    for name, tensor in NeoBERT(config).state_dict().items():
-        if name.endswith("norm.weight"):
-            native[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        else:
-            native[name] = (
-                0.02 * torch.randn(tensor.shape, generator=generator) * (3.0 if "embeddings" in name else 1.0)
-            )
-    lm_head = None
-    if layout == "released":
-        lm_head = {
-            "decoder.weight": 0.02 * torch.randn(config.vocab_size, config.hidden_size, generator=generator),
-            "decoder.bias": torch.zeros(config.vocab_size),
-        }
-    save_file({k: v.contiguous() for k, v in to_checkpoint(native, lm_head).items()}, folder / WEIGHTS_FILE)
-    (folder / "config.json").write_text(json.dumps(config.to_json_dict(), indent=2))
-    (folder / "vocab.txt").write_bytes(Path(vocab_file).read_bytes())
-    return folder
+def position_limit(folder: Path) -> int:
+    """The longest input the checkpoint was made for, [CLS] and [SEP] included."""
+    config = json.loads((folder / "config.json").read_text())
+    if checkpoint_family(folder) == NEOBERT:
+        if "max_length" not in config:
+            raise CheckpointError(f"{folder / 'config.json'} has no max_length; is it NeoBERT's released config?")
+        return int(config["max_length"])
+    limit = int(config.get("max_position_embeddings") or 512)
+    if str(config.get("model_type", "")).lower() in _POSITIONS_OFFSET_BY_PAD:
+        limit -= int(config.get("pad_token_id", 1)) + 1
+    return limit

@@ -10,18 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.model.checkpoint import NEOBERT, checkpoint_family, load_neobert_config
-from pipeline.model.pooling import POOLINGS
+from pipeline.errors import SettingsError
+from pipeline.model.checkpoint import NEOBERT, checkpoint_family, position_limit
 from pipeline.model.sentence_transformers_meta import (
     UnsupportedSentenceTransformerError,
     read_sentence_transformers_meta,
 )
-from pipeline.model.transformers_encoder import position_limit
+
+# cls: first token; last: last token; mean/max: over all tokens; mean_sqrt_len: sum / sqrt(length).
+POOLINGS = ("cls", "mean", "max", "mean_sqrt_len", "last")
 
 OPTION = "option"
 
 
-class EmbeddingSettingsError(ValueError):
+class EmbeddingSettingsError(SettingsError):
     """An explicit pooling or max_length that the checkpoint cannot honour."""
 
 
@@ -42,7 +44,7 @@ def resolve_embedding_defaults(
 ) -> EmbeddingDefaults:
     """Settings for the checkpoint in folder; arguments left None follow the checkpoint."""
     family = checkpoint_family(folder)
-    limit = load_neobert_config(folder).max_length if family == NEOBERT else position_limit(folder)
+    limit = position_limit(folder)
     meta = read_sentence_transformers_meta(folder)
     sources: dict[str, str] = {}
 

@@ -1,21 +1,27 @@
-"""NeoBERT in plain PyTorch: config, encoder blocks and RoPE, for packed (unpadded) token streams.
+"""NeoBERT in plain PyTorch, in one file: config, encoder blocks, the element-wise math and RoPE.
 
 The forward pass works on one flat stream of tokens holding several documents back to back,
 described by `cu_seqlens` (cumulative document lengths). Linear layers see every real token once
 and no padding; attention is confined to each document by the chosen attention backend.
+
+Shapes: T tokens of a packed stream, N documents, C = hidden size, H heads of D = C / H, F = SwiGLU
+width. The element-wise steps between the matmuls (RMSNorm, RoPE, the SwiGLU gate, residual adds) are
+free functions, run eagerly, or each fused into one kernel by torch.compile (`compile_elementwise`):
+on a GPU they, not the matmuls, take most of a forward pass of the 768-wide model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.attention import AttentionFn
-from pipeline.model.elementwise import EAGER, ElementwiseOps, compiled_ops, rms_norm, silu_mul
 
 
 @dataclass(frozen=True)
@@ -101,12 +107,12 @@ class NeoBERT(nn.Module):
         self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         # Not a buffer: Module.to(dtype) would drop the imaginary part, or round it to bf16. Built on
-        # first use, so that a model constructed on the meta device (checkpoint.py) gets a real one.
+        # first use, so that a model constructed on the meta device (weights.py) gets a real one.
         self._rope_rotations: torch.Tensor | None = None
         self.ops: ElementwiseOps = EAGER
 
     def rope_rotations(self, device: torch.device) -> torch.Tensor:
-        """The complex64 RoPE table (max_length, head_dim/2), on device."""
+        """The complex64 RoPE table (max_length, D/2), on device."""
         if self._rope_rotations is None:
             config = self.config
             self._rope_rotations = rope_rotations(config.head_dim, config.max_length, config.rope_theta)
@@ -117,28 +123,27 @@ class NeoBERT(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, attention: AttentionFn
     ) -> torch.Tensor:
-        """input_ids (T,) for documents back to back; cu_seqlens (N+1,) int32 -> hidden (T, hidden_size)."""
+        """input_ids (T,) for documents back to back; cu_seqlens (N+1,) int32 -> hidden (T, C)."""
         if max_seqlen > self.config.max_length:
             raise ValueError(f"a document of {max_seqlen} tokens exceeds max_length {self.config.max_length}")
         positions = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])  # (T,), restart per document
-        rotations = torch.view_as_real(self.rope_rotations(input_ids.device)[positions])  # (T, head_dim/2, 2)
+        rotations = torch.view_as_real(self.rope_rotations(input_ids.device)[positions])  # (T, D/2, 2)
         x = self.tok_embeddings(input_ids)  # (T, C)
         for layer in self.layers:
             x = layer(x, rotations, cu_seqlens, max_seqlen, attention, self.ops)
         return self.ops.rms_norm(x, self.norm.weight, self.norm.eps)
 
     def compile_elementwise(self) -> None:
-        """Fuse the element-wise steps with torch.compile (see elementwise.py); built on first use."""
+        """Fuse the element-wise steps with torch.compile; the kernels are built on first use."""
         self.ops = compiled_ops()
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm block: x + wo(attn(norm(x))), then x + ffn(norm(x))."""
+    """Pre-norm block: x + wo(attn(rmsnorm(x))), then x + w3(silu(x1) * x2) with x1, x2 = w12(rmsnorm(x))."""
 
     def __init__(self, config: NeoBERTConfig) -> None:
         super().__init__()
         self.n_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
         self.attention_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -152,42 +157,117 @@ class EncoderBlock(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         attention: AttentionFn,
-        ops: ElementwiseOps = EAGER,
+        ops: ElementwiseOps,
     ) -> torch.Tensor:
         T, C = x.shape
-        h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+        h = ops.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)  # (T, C)
         q, k, v = ops.heads_with_rope(self.qkv(h), rotations, self.n_heads)  # (T, H, D) each
-        attn = attention(q, k, v, cu_seqlens, max_seqlen)  # (T, H, D)
+        attn = attention(q, k, v, cu_seqlens, max_seqlen)  # (T, H, D), within each document
         x, h = ops.add_rms_norm(x, self.wo(attn.reshape(T, C)), self.ffn_norm.weight, self.ffn_norm.eps)
-        return x + self.ffn.w3(ops.silu_mul(self.ffn.w12(h)))
+        return x + self.ffn.w3(ops.silu_mul(self.ffn.w12(h)))  # (T, 2F) -> (T, F) -> (T, C)
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(x1) * x2) with x1, x2 the halves of one fused w12 projection."""
+    """The FFN's weights: w12 (C -> 2F) holds x1 and x2 side by side, w3 (F -> C); see EncoderBlock."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w3 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(silu_mul(self.w12(x)))
-
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w, computed in float32 whatever the activation dtype."""
+    """An RMSNorm's weight and epsilon; the math is rms_norm below."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+
+# The element-wise math between the matmuls, as free functions: eager, or compiled in compiled_ops().
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32 whatever the activation dtype; (T, C) -> (T, C)."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm: (x + delta, rms_norm(x + delta))."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def rope_complex(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) as complex numbers (LLaMA style), in float32.
+
+    x (T, H, D); rotations (T, D/2, 2) as cos, sin. One complex multiply instead of a handful of
+    element-wise passes over (T, H, D): the fastest eager form.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (T, H, D/2)
+    turn = torch.view_as_complex(rotations)[:, None, :]  # (T, 1, D/2)
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+
+
+def rope_real(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real arithmetic, which torch.compile fuses (it does not fuse complex)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (T, H, D/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotations[:, None, :, 0], rotations[:, None, :, 1]  # (T, 1, D/2)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def _heads_with(rope: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    def heads_with_rope(qkv: torch.Tensor, rotations: torch.Tensor, heads: int):
+        """qkv (T, 3C) -> q, k, v (T, H, D) contiguous, q and k rotated."""
+        T = qkv.shape[0]
+        # The checkpoint interleaves q, k, v per head: (T, H, 3*D), split on the last axis.
+        q, k, v = qkv.view(T, heads, -1).chunk(3, dim=-1)
+        return rope(q, rotations).contiguous(), rope(k, rotations).contiguous(), v.contiguous()
+
+    return heads_with_rope
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: (T, 2F) -> silu(first half) * second half (T, F)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)  # in place: one (T, F) buffer fewer
+
+
+@dataclass(frozen=True)
+class ElementwiseOps:
+    """One implementation of each element-wise step of an encoder block."""
+
+    name: str
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    add_rms_norm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+    heads_with_rope: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+EAGER = ElementwiseOps("eager", rms_norm, add_rms_norm, _heads_with(rope_complex), silu_mul)
+
+
+def compiled_ops() -> ElementwiseOps:
+    """The same functions, each one torch.compile'd kernel for any number of tokens (dynamic shapes).
+
+    Kernels are built on first use (Triton on GPU, C++ on CPU) and cached on disk by PyTorch.
+    """
+
+    def compiled(fn):
+        return torch.compile(fn, dynamic=True, fullgraph=True)
+
+    return ElementwiseOps(
+        "compiled", compiled(rms_norm), compiled(add_rms_norm), compiled(_heads_with(rope_real)), compiled(silu_mul)
+    )
 
 
 def rope_rotations(head_dim: int, max_length: int, theta: float) -> torch.Tensor:
-    """exp(i * position * frequency) as complex64, (max_length, head_dim/2)."""
+    """exp(i * position * frequency) as complex64, (max_length, D/2)."""
     cpu = torch.device("cpu")
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=cpu)[: head_dim // 2] / head_dim))
     angles = torch.outer(torch.arange(max_length, dtype=torch.float32, device=cpu), freqs)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# cls: first token; last: last token; mean/max: over all tokens; mean_sqrt_len: sum / sqrt(length).
-POOLINGS = ("cls", "mean", "max", "mean_sqrt_len", "last")
+from pipeline.model.embedding_defaults import POOLINGS
 
 
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:

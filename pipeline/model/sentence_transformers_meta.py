@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ModelError
+
 MODULES_FILE = "modules.json"
 # sentence-transformers has used several names for the transformer module's config over the years.
 TRANSFORMER_CONFIG_FILES = (
@@ -33,7 +35,7 @@ _LEGACY_POOLING_KEYS = {
 _POOLING_NAMES = {"mean_sqrt_len_tokens": "mean_sqrt_len", "lasttoken": "last"}
 
 
-class UnsupportedSentenceTransformerError(ValueError):
+class UnsupportedSentenceTransformerError(ModelError):
     """The checkpoint's sentence-transformers stages cannot be reproduced faithfully."""
 
 

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from pipeline.errors import ModelError
+
 CHECKPOINT_TO_NATIVE: dict[str, str] = {
     "encoder.weight": "tok_embeddings.weight",
     "transformer_encoder.{}.attention_norm.weight": "layers.{}.attention_norm.weight",
@@ -27,7 +29,7 @@ LM_HEAD_ONLY_KEYS = frozenset({"decoder.weight", "decoder.bias"})
 _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
 
 
-class CheckpointKeyError(ValueError):
+class CheckpointKeyError(ModelError):
     """The checkpoint's tensor names do not match a NeoBERT encoder."""
 
 

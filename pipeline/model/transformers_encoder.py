@@ -6,17 +6,11 @@ so padding them to the longest in the pack wastes little. No code from the Hub e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-# These add padding_idx + 1 to every position id, so the usable length is max_position_embeddings - that.
-_POSITIONS_OFFSET_BY_PAD = ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one transformers can run without remote code."""
+from pipeline.model.checkpoint import UnsupportedModelError
 
 
 class TransformersEncoder(torch.nn.Module):
@@ -60,12 +54,3 @@ def load_transformers_encoder(folder: Path, device: torch.device, dtype: torch.d
     model.to(device).eval()
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     return TransformersEncoder(model, pad_token_id)
-
-
-def position_limit(folder: Path) -> int:
-    """The longest input the checkpoint's position embeddings allow, [CLS] and [SEP] included."""
-    config = json.loads((folder / "config.json").read_text())
-    limit = int(config.get("max_position_embeddings") or 512)
-    if str(config.get("model_type", "")).lower() in _POSITIONS_OFFSET_BY_PAD:
-        limit -= int(config.get("pad_token_id", 1)) + 1
-    return limit

@@ -1,6 +1,6 @@
 """What the stages report from Ray workers while a job runs.
 
-Shards read to their end or failed part way are recorded in the output; embedded batches are counted
+Shards read to their end or failed part way are recorded in the output; embedded packs are counted
 by the job's progress actor. Light to import: the read tasks that call these load no model code.
 """
 
@@ -30,7 +30,7 @@ class ShardOutcomes:
     def read_to_end(self, shard: Shard, rows: int) -> None:
         fs, root = filesystem_for(self.output_url, self.storage)
         write_shard_done(fs, root, ShardDone(shard.url, shard.fingerprint, rows))
-        self.progress.shard_read.remote(shard.size_bytes)
+        self.progress.shard_read.remote(shard.size_bytes, rows)
 
     def failed(self, shard: Shard, rows_read: int, problem: FileProblem) -> None:
         log.warning("%s: %s after %d rows (%s); recorded in %s/", shard.url, problem.message, rows_read, FAILED, FAILED)
@@ -38,7 +38,7 @@ class ShardOutcomes:
         write_file_failure(
             fs, root, FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message)
         )
-        self.progress.shard_read.remote(shard.size_bytes)
+        self.progress.shard_read.remote(shard.size_bytes, rows_read)
 
 
 class BatchReporter:
@@ -47,6 +47,6 @@ class BatchReporter:
     def __init__(self, progress) -> None:
         self.progress = progress
 
-    def __call__(self, documents: int, tokens: int, padded_tokens: int) -> None:
+    def __call__(self, documents: int, dead_letters: int, sequences: int, tokens: int, padded_tokens: int) -> None:
         node_id = ray.get_runtime_context().get_node_id()
-        self.progress.batch_embedded.remote(documents, tokens, padded_tokens, node_id)
+        self.progress.batch_embedded.remote(documents, dead_letters, sequences, tokens, padded_tokens, node_id)

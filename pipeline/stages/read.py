@@ -1,4 +1,4 @@
-"""A Ray Data datasource with one streaming read task per shard, keeping shard and row per document."""
+"""The read stage: a Ray Data datasource with one streaming read task per shard, keeping shard and row per row."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""`status`: how far the job writing an output got, as facts a person or a monitor reads."""
+
+from __future__ import annotations
+
+from pipeline.config import StorageConfig
+from pipeline.io.manifest import read_state
+from pipeline.io.run_record import read_run_record
+from pipeline.io.storage import filesystem_for
+
+
+def output_status(output_url: str, storage: StorageConfig | None = None) -> dict:
+    """The output's state in plain values (what `status --json` prints)."""
+    fs, root = filesystem_for(output_url, storage or StorageConfig())
+    record = read_run_record(fs, root)
+    if record is None:
+        return {"output": output_url, "started": False}
+    state = read_state(fs, root)
+    inputs = [i for g in record["generations"] for i in g["inputs"]]
+    committed = state.committed_ranges()
+    failed = state.failed_part_way()
+    last_run = record["runs"][-1] if record.get("runs") else None
+    return {
+        "output": output_url,
+        "started": True,
+        "model_source": record["settings"]["model_source"],
+        "model_weights_sha256": record["settings"]["model_weights_sha256"],
+        "rows_committed": state.committed_rows,
+        "rows_embedded": state.embedded_rows,
+        "rows_dead_lettered": state.committed_rows - state.embedded_rows,
+        "rows_in_shards_read": sum(d.rows for d in state.shards_done.values()) + sum(f.rows_read for f in failed),
+        "dead_letters_by_reason": state.error_counts(),
+        "shards": len(inputs),
+        "shards_complete": sum(state.shard_complete(i["url"], committed) for i in inputs),
+        "shards_read": len(state.shards_done),
+        "shards_failed_part_way": len(failed),
+        "generations": len(record["generations"]),
+        "parts_committed": len(state.commits),
+        "uncommitted_leftovers": len(state.staged | set(state.leftovers)),
+        "last_run": None if last_run is None else {k: last_run[k] for k in ("documents", "wall_s", "already_complete")},
+        "unfinished_run": bool(state.commits) and last_run is None,
+    }

@@ -1,0 +1,162 @@
+"""Each stage of the graph called directly on small inputs, without Ray: read -> pack -> embed -> commit.
+
+The sink's commit steps are crashed in this process at each failpoint (faults.crash_at) and the
+output recovered, which pins the commit protocol in milliseconds instead of a killed subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import TEXTS
+from corpus import jsonl_bytes, make_docs
+
+from pipeline.config import StorageConfig
+from pipeline.faults import SimulatedCrash, crash_at
+from pipeline.io.manifest import COMMITS, ERRORS, PARTS, STAGING, read_state, recover
+from pipeline.io.readers import ROW_SCHEMA
+from pipeline.io.schemas import output_schema
+from pipeline.io.shards import discover_shards
+from pipeline.io.sink import CommittedParquetSink
+from pipeline.io.storage import filesystem_for
+from pipeline.stages.embed import EmbedStage
+from pipeline.stages.pack import tokenize_and_pack
+from pipeline.stages.packs import PACK_SCHEMA, PackContractError, table_to_packs
+from pipeline.stages.read import ShardDatasource
+
+STORAGE = StorageConfig()
+
+
+def read_rows(folder, **options) -> pa.Table:
+    """Run every read task of the read stage in this process, as Ray would in workers."""
+    fs, path = filesystem_for(str(folder), STORAGE)
+    source = ShardDatasource(discover_shards(fs, path), "text", "id", STORAGE, **options)
+    tables = [table for task in source.get_read_tasks(parallelism=1) for table in task.read_fn()]
+    return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    (tmp_path / "in").mkdir()
+    docs = [{"id": f"t{i}", "text": text} for i, text in enumerate(TEXTS)]
+    lines = jsonl_bytes(docs[:4]) + b'{"id": "bad", "text": ""}\n' + jsonl_bytes(docs[4:])
+    (tmp_path / "in" / "a.jsonl").write_bytes(lines)
+    (tmp_path / "in" / "b.jsonl").write_bytes(jsonl_bytes(make_docs(30, seed=5, prefix="b")))
+    return tmp_path / "in"
+
+
+def test_the_read_stage_gives_every_row_with_its_shard_and_row_and_leaves_out_skipped_ones(shards):
+    rows = read_rows(shards)
+    assert rows.schema == ROW_SCHEMA and rows.num_rows == len(TEXTS) + 1 + 30
+    a = rows.filter(pa.compute.ends_with(rows.column("shard"), "a.jsonl")).to_pylist()
+    assert [r["row"] for r in a] == list(range(len(TEXTS) + 1))
+    assert [(r["id"], r["error"]) for r in a if r["error"]] == [("bad", "empty_text")]
+    url = a[0]["shard"]
+    rest = read_rows(shards, skip={url: [(0, 3)]}, rejected={url: {5: "id repeats"}})
+    kept = [r for r in rest.to_pylist() if r["shard"] == url]
+    assert [r["row"] for r in kept] == list(range(3, len(TEXTS) + 1))
+    assert [r["error"] for r in kept if r["row"] == 5] == ["duplicate_id"]
+
+
+def test_the_pack_stage_makes_token_budget_packs_and_one_dead_letter_pack(shards, tiny_encoder):
+    rows = read_rows(shards)
+    table = tokenize_and_pack(rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64)
+    assert table.schema == PACK_SCHEMA
+    packs = table_to_packs(table)  # each one checked against the contract
+    documents = [p for p in packs if not p.dead_letters]
+    dead = [p for p in packs if p.dead_letters]
+    assert len(dead) == 1 and dead[0].docs["error"].to_pylist() == ["empty_text"] and dead[0].tokens == 0
+    assert all(p.tokens <= 64 or p.n_docs == 1 for p in documents) and len(documents) > 3
+    ids = [i for p in documents for i in p.docs["id"].to_pylist()]
+    assert sorted(ids) == sorted(r["id"] for r in rows.to_pylist() if not r["error"])
+    by_id = {r["id"]: r["text"] for r in rows.to_pylist()}
+    for pack in documents:
+        expected = tiny_encoder.tokenize([by_id[i] for i in pack.docs["id"].to_pylist()]).ids
+        assert pack.input_ids.tolist() == np.concatenate(expected).tolist()
+
+
+def test_a_pack_that_breaks_the_contract_is_refused(shards, tiny_encoder):
+    table = tokenize_and_pack(
+        read_rows(shards), tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64
+    )
+    broken = table.set_column(
+        PACK_SCHEMA.get_field_index("dead_letters"), "dead_letters", pa.array([True] * table.num_rows)
+    )
+    with pytest.raises(PackContractError, match="dead-letter pack must hold no sequences"):
+        table_to_packs(broken)
+
+
+def test_the_embed_stage_turns_packs_into_output_rows_equal_to_the_encoder(shards, tiny_checkpoint, tiny_encoder):
+    rows = read_rows(shards)
+    packs = tokenize_and_pack(rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64)
+    reports = []
+    stage = EmbedStage(
+        str(tiny_checkpoint),
+        pooling="cls",
+        normalize=False,
+        output_dtype="float32",
+        device="cpu",
+        on_batch_done=lambda *counts: reports.append(counts),
+        expected_weights_sha256=tiny_encoder.facts.weights_sha256,
+    )
+    out = stage(packs)
+    assert out.num_rows == rows.num_rows
+    good = out.filter(pa.compute.is_null(out.column("error"))).to_pylist()
+    by_id = {r["id"]: r["text"] for r in rows.to_pylist()}
+    expected = tiny_encoder.encode([by_id[r["id"]] for r in good])
+    np.testing.assert_allclose(np.array([r["embedding"] for r in good]), expected, atol=1e-5)
+    assert [r["error"] for r in out.to_pylist() if r["error"]] == ["empty_text"]
+    documents, dead_letters = (sum(r[i] for r in reports) for i in (0, 1))
+    assert (documents, dead_letters) == (len(good), 1)
+
+
+def sink_table(rows: int, hidden: int = 4) -> pa.Table:
+    """A stream-schema block of `rows` embedded rows and one dead letter, for the sink."""
+    from pipeline.io.schemas import stream_schema
+
+    schema = stream_schema(hidden, "float32")
+    data = {
+        "id": [f"d{i}" for i in range(rows + 1)],
+        "embedding": [[float(i)] * hidden for i in range(rows)] + [None],
+        "n_tokens": [3] * rows + [None],
+        "truncated": [False] * (rows + 1),
+        "shard": ["file:///in/a.jsonl"] * (rows + 1),
+        "row": list(range(rows + 1)),
+        "error": [None] * rows + ["empty_text"],
+        "error_message": [None] * rows + ["the text is empty"],
+        "excerpt": [None] * rows + [""],
+    }
+    return pa.Table.from_pydict(data, schema=schema)
+
+
+def listing(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("point, committed", [("sink.after_stage", False), ("sink.after_commit", True)])
+def test_a_crash_at_each_commit_step_is_recovered_to_all_or_nothing(tmp_path, point, committed):
+    sink = CommittedParquetSink(str(tmp_path), STORAGE, generation=0, rows_per_part=10)
+    with crash_at(point), pytest.raises(SimulatedCrash):
+        sink.write([sink_table(5)], ctx=None)
+    (part,) = {p.name.split(".")[0] for p in (tmp_path / STAGING).iterdir()}
+    staged = [f"{STAGING}/{part}.errors.parquet", f"{STAGING}/{part}.parquet"]
+    assert listing(tmp_path) == sorted(staged + ([f"{COMMITS}/{part}.json"] if committed else []))
+
+    fs, root = filesystem_for(str(tmp_path), STORAGE)
+    state = recover(fs, root)
+    published = [f"{COMMITS}/{part}.json", f"{ERRORS}/{part}.parquet", f"{PARTS}/{part}.parquet"]
+    assert listing(tmp_path) == (published if committed else [])
+    assert state.committed_rows == (6 if committed else 0) and state.embedded_rows == (5 if committed else 0)
+    # A retried write of the same rows lands on the same part name: never a duplicate.
+    sink.write([sink_table(5)], ctx=None)
+    assert listing(tmp_path) == published
+    record = json.loads((tmp_path / COMMITS / f"{part}.json").read_text())
+    assert record["ranges"] == {"file:///in/a.jsonl": [[0, 6]]} and record["error_counts"] == {"empty_text": 1}
+    assert pq.read_table(tmp_path / PARTS).schema.field("embedding").type == output_schema(4, "float32").field(
+        "embedding"
+    ).type
+    assert read_state(fs, root).committed_rows == 6
