@@ -114,7 +114,7 @@ def tokenize_cpu_rate(texts: list[str], encoder: Encoder, tokens_per_batch: int)
 
     from pipeline.io.readers import ROW_SCHEMA
     from pipeline.io.schemas import ERROR_FIELDS
-    from pipeline.stages import tokenize_and_pack
+    from pipeline.stages.pack import tokenize_and_pack
 
     n = len(texts)
     rows = pa.table(
@@ -165,9 +165,11 @@ def run_job(texts: list[str], model_dir: Path, work: Path, device: str, threads:
 
     from pipeline.config import load_config
     from pipeline.job import run_embedding_job
+    from pipeline.ray_session import quiet_ray_data
 
     shards = write_shards(texts, work / "corpus")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    quiet_ray_data(verbose=False)  # the benchmark's own table, not Ray Data's operator dumps
     config = load_config(
         None,
         {

@@ -21,7 +21,8 @@ from pipeline.config import DEFAULT_MODEL, load_config
 from pipeline.io.manifest import PARTS, RUN_RECORD
 from pipeline.job import run_embedding_job
 from pipeline.model.checkpoint import CheckpointError, resolve_checkpoint
-from pipeline.terminal import print_summary
+from pipeline.ray_session import quiet_ray_data
+from pipeline.terminal import ProgressDisplay, print_summary
 
 RANDOM_MODEL_LABEL = "tiny randomly initialised NeoBERT (offline demo fallback; embeddings are meaningless)"
 
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             "progress_interval_s": 5.0,
         },
     )
-    summary = run_embedding_job(config)
+    quiet_ray_data(verbose=False)
+    display = ProgressDisplay()
+    summary = run_embedding_job(config, on_progress=display)
+    display.close()
     table = pq.read_table(work / "embeddings" / PARTS)
     print_summary(summary, title=f"demo finished with {label or model}")
     print(f"  run record     {work / 'embeddings' / RUN_RECORD}")

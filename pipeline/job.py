@@ -189,11 +189,13 @@ def _rows_per_part(config: JobConfig, hidden_size: int, estimated_rows: int | No
 
 
 class _ProgressWatcher:
-    """While the graph runs, hand the job's progress to on_progress (or the log) every interval_s."""
+    """While the graph runs, hand the job's progress to on_progress (or the log) every interval_s, and
+    once more when it has finished."""
 
     def __init__(self, progress, on_progress, interval_s: float) -> None:
         self.progress, self.interval_s = progress, interval_s
         self.on_progress = on_progress or (lambda p: log.info("progress: %s", progress_line(p)))
+        self.window = RateWindow()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -201,16 +203,21 @@ class _ProgressWatcher:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.stop.set()
         self.thread.join()
+        if exc_type is None:
+            self._report()
 
     def _run(self) -> None:
-        window = RateWindow()
-        while not self.stop.wait(self.interval_s):
-            try:
-                snapshot = ray.get(self.progress.snapshot.remote())
-            except ray.exceptions.RayError as err:  # progress is for people: the job goes on without it
-                log.warning("progress is not available (%s); the job goes on", type(err).__name__)
-                return
-            self.on_progress(estimate_progress(snapshot, window.add(snapshot["elapsed_s"], snapshot["tokens"])))
+        while not self.stop.wait(self.interval_s) and self._report():
+            pass
+
+    def _report(self) -> bool:
+        try:
+            snapshot = ray.get(self.progress.snapshot.remote())
+        except ray.exceptions.RayError as err:  # progress is for people: the job goes on without it
+            log.warning("progress is not available (%s); the job goes on", type(err).__name__)
+            return False
+        self.on_progress(estimate_progress(snapshot, self.window.add(snapshot["elapsed_s"], snapshot["tokens"])))
+        return True

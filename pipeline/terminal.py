@@ -76,7 +76,7 @@ class ProgressDisplay:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(unit="rows", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows, {postfix}")
+            self._bar = tqdm(unit="rows", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} rows{postfix}")
         self._bar.total = progress.rows_total
         self._bar.n = progress.rows_done
         eta = format_duration(progress.eta_s) if progress.eta_s is not None else "?"

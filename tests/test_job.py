@@ -183,8 +183,10 @@ def test_shipped_configs_validate(name):
     assert config.model == "chandar-lab/NeoBERT"
 
 
-def test_rerun_of_a_finished_10k_document_job_embeds_nothing(ray_local, tmp_path, tiny_checkpoint):
-    import time
+def test_a_10k_document_job_commits_along_the_way_and_its_rerun_touches_no_input(
+    ray_local, tmp_path, tiny_checkpoint, monkeypatch
+):
+    import pipeline.job
 
     (tmp_path / "in").mkdir()
     for shard in range(10):
@@ -192,9 +194,16 @@ def test_rerun_of_a_finished_10k_document_job_embeds_nothing(ray_local, tmp_path
         (tmp_path / "in" / f"part-{shard}.jsonl.gz").write_bytes(jsonl_bytes(docs, "gz"))
     first = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id", tokens_per_batch=4096)
     assert first.rows_committed == 10_000
-    started = time.monotonic()
+    # 256 MB parts would hold it all in one part, committed at the very end; a run commits as it goes
+    # (parts of at least 1,000 rows, made of whole blocks of 2,048 tokenized rows).
+    assert first.parts >= 3
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a finished job's re-run must not read its input or start Ray")
+
+    monkeypatch.setattr(pipeline.job, "connect_ray", no_reading)
+    monkeypatch.setattr(pipeline.job, "ShardDatasource", no_reading)
     again = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id")
-    print(f"re-run of a finished 10,000-document job took {time.monotonic() - started:.2f}s")
     assert again.already_complete and again.documents == 0 and again.rows_committed == 10_000
 
 
@@ -213,3 +222,25 @@ def test_an_actor_that_loads_other_weights_than_the_run_record_fails_the_job(
     err = capsys.readouterr().err
     assert "driver read 000000000000..." in err and "must load the same checkpoint" in err
     assert not list((tmp_path / "out").glob(f"{PARTS}/*.parquet")), "no vector from other weights is published"
+
+
+def test_the_output_answers_the_readmes_duckdb_query(ray_local, tmp_path, tiny_checkpoint, tiny_encoder):
+    import duckdb
+
+    (tmp_path / "in").mkdir()
+    docs = make_docs(30, seed=9, prefix="q")
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes(docs))
+    run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id")
+    query = tiny_encoder.encode(["search retrieval"])[0]
+    parts = str(tmp_path / "out" / PARTS / "*.parquet")
+    # DuckDB reads the fixed-size vectors as FLOAT[]: the cast gives its array functions FLOAT[64].
+    found = duckdb.execute(
+        "SELECT id, array_cosine_similarity(embedding::FLOAT[64], $query::FLOAT[64]) AS score "
+        "FROM read_parquet($parts) ORDER BY score DESC LIMIT 5",
+        {"query": query.tolist(), "parts": parts},
+    ).fetchall()
+    vectors = tiny_encoder.encode([d["text"] for d in docs])
+    cosine = vectors @ query / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+    best = np.argsort(-cosine)[:5]
+    assert [i for i, _ in found] == [docs[i]["id"] for i in best]
+    np.testing.assert_allclose([score for _, score in found], cosine[best], atol=1e-5)

@@ -69,6 +69,8 @@ def test_chunk_writes_one_row_per_window_with_its_span(ray_local, tmp_path, tiny
     assert verify_output(str(tmp_path / "out")).ok
 
     table = pq.read_table(tmp_path / "out" / PARTS).to_pylist()
+    # The summary tells the output's rows (one per window) from the documents they come from.
+    assert (summary.documents, summary.chunk_rows) == (len(docs), len(table)) and len(table) > len(docs)
     encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu", max_length=WINDOW)
     for doc in docs:
         rows = sorted((r for r in table if r["id"] == doc["id"]), key=lambda r: r["chunk"])

@@ -64,7 +64,9 @@ def test_the_read_stage_gives_every_row_with_its_shard_and_row_and_leaves_out_sk
 
 def test_the_pack_stage_makes_token_budget_packs_and_one_dead_letter_pack(shards, tiny_encoder):
     rows = read_rows(shards)
-    table = tokenize_and_pack(rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64)
+    table = tokenize_and_pack(
+        rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64
+    )
     assert table.schema == PACK_SCHEMA
     packs = table_to_packs(table)  # each one checked against the contract
     documents = [p for p in packs if not p.dead_letters]
@@ -92,7 +94,9 @@ def test_a_pack_that_breaks_the_contract_is_refused(shards, tiny_encoder):
 
 def test_the_embed_stage_turns_packs_into_output_rows_equal_to_the_encoder(shards, tiny_checkpoint, tiny_encoder):
     rows = read_rows(shards)
-    packs = tokenize_and_pack(rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64)
+    packs = tokenize_and_pack(
+        rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=64
+    )
     reports = []
     stage = EmbedStage(
         str(tiny_checkpoint),
@@ -156,7 +160,8 @@ def test_a_crash_at_each_commit_step_is_recovered_to_all_or_nothing(tmp_path, po
     assert listing(tmp_path) == published
     record = json.loads((tmp_path / COMMITS / f"{part}.json").read_text())
     assert record["ranges"] == {"file:///in/a.jsonl": [[0, 6]]} and record["error_counts"] == {"empty_text": 1}
-    assert pq.read_table(tmp_path / PARTS).schema.field("embedding").type == output_schema(4, "float32").field(
-        "embedding"
-    ).type
+    assert (
+        pq.read_table(tmp_path / PARTS).schema.field("embedding").type
+        == output_schema(4, "float32").field("embedding").type
+    )
     assert read_state(fs, root).committed_rows == 6

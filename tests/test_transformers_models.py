@@ -222,3 +222,20 @@ def test_sentence_transformers_checkpoint_loads_from_an_s3_url(s3, s3_endpoint, 
     local = Encoder.from_pretrained(str(MINILM_DIR), device="cpu")
     assert encoder.facts.weights_sha256 == local.facts.weights_sha256
     np.testing.assert_array_equal(encoder.encode(ALL_TEXTS), local.encode(ALL_TEXTS))
+
+
+def test_encode_takes_what_sentence_transformers_users_type(capsys):
+    encoder = Encoder.from_pretrained(str(MINILM_DIR), device="cpu")
+    model = SentenceTransformer(str(MINILM_DIR), device="cpu")
+    sizes = []
+    forward = encoder.embed_packed
+    encoder.embed_packed = lambda ids, cu, *args: sizes.append(len(cu) - 1) or forward(ids, cu, *args)
+    got = encoder.encode(ALL_TEXTS, batch_size=3, normalize_embeddings=True, show_progress_bar=True)
+    np.testing.assert_allclose(got, model.encode(ALL_TEXTS, batch_size=3, normalize_embeddings=True), atol=2e-6)
+    assert max(sizes) == 3 and sum(sizes) == len(ALL_TEXTS), "batch_size caps the texts per forward pass"
+    assert "Batches" in capsys.readouterr().err
+    one = encoder.encode(ALL_TEXTS[0])  # a single string gives a single vector, as in sentence-transformers
+    assert one.shape == (384,)
+    np.testing.assert_allclose(one, model.encode(ALL_TEXTS[0]), atol=2e-6)
+    tensor = encoder.encode(ALL_TEXTS[:2], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (2, 384)

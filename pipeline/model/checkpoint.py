@@ -128,14 +128,13 @@ def published_weights_sha256(name_or_path: str, revision: str | None, folder: Pa
     if "://" in name_or_path or Path(name_or_path).expanduser().exists() or not _HUB_ID.match(name_or_path):
         return None
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     index = folder / SHARDED_WEIGHTS_INDEX
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
     try:
         infos = {i.path: i for i in HfApi().get_paths_info(name_or_path, names, revision=revision)}
-    except (HfHubHTTPError, OSError) as err:  # offline, or the Hub refused: hash the files instead
-        log.info("no published digest for %s (%s); hashing its weights", name_or_path, err)
+    except Exception as err:  # offline, refused, or its HTTP library's own errors: hashing the files is exact too
+        log.info("no published digest for %s (%s: %s); hashing its weights", name_or_path, type(err).__name__, err)
         return None
     digests = [getattr(getattr(infos.get(name), "lfs", None), "sha256", None) for name in names]
     if not all(digests):

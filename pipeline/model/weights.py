@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from pipeline.model.checkpoint import WEIGHTS_FILE
+from pipeline.model.checkpoint import WEIGHTS_FILE, sha256_of_file
 from pipeline.model.neobert import NeoBERT, NeoBERTConfig
 from pipeline.model.state_dict_adapter import CheckpointKeyError, to_checkpoint, to_native
 
@@ -34,15 +32,14 @@ def load_neobert_config(folder: Path) -> NeoBERTConfig:
 def load_neobert(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedCheckpoint:
     """Build NeoBERT from folder/config.json and load model.safetensors with strict key and shape checks.
 
-    The file is read once: its digest and its tensors come from the same bytes.
+    The file is read from storage once: hashing it (remembered by path, size and mtime, so once per node
+    and file) brings it into the page cache, from which load_file maps the tensors.
     """
     config = load_neobert_config(folder)
     with torch.device("meta"):  # no random init of weights about to be replaced (seconds at full size)
         model = NeoBERT(config)
-    data = (folder / WEIGHTS_FILE).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    state = to_native(load_safetensors(data))
-    del data
+    digest = sha256_of_file(folder / WEIGHTS_FILE)
+    state = to_native(load_file(folder / WEIGHTS_FILE))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
