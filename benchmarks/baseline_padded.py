@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.neobert import NeoBERT, rope_complex
+from pipeline.model.neobert import NeoBERT, rms_norm, rope_complex, silu_mul
 
 
 @torch.inference_mode()
@@ -26,13 +26,14 @@ def padded_forward(model: NeoBERT, input_ids: torch.Tensor, attention_mask: torc
     rotations = torch.view_as_real(model.rope_rotations(input_ids.device)[:L].repeat(B, 1))  # (B*L, D/2, 2)
     x = model.tok_embeddings(input_ids)  # (B, L, C)
     for layer in model.layers:
-        q, k, v = layer.qkv(layer.attention_norm(x)).view(B, L, H, 3 * D).chunk(3, dim=-1)
+        h = rms_norm(x, layer.attention_norm.weight, layer.attention_norm.eps)
+        q, k, v = layer.qkv(h).view(B, L, H, 3 * D).chunk(3, dim=-1)
         q = rope_complex(q.reshape(B * L, H, D), rotations).view(B, L, H, D)
         k = rope_complex(k.reshape(B * L, H, D), rotations).view(B, L, H, D)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         x = x + layer.wo(attn.transpose(1, 2).reshape(B, L, H * D))
-        x = x + layer.ffn(layer.ffn_norm(x))
-    return model.norm(x)
+        x = x + layer.ffn.w3(silu_mul(layer.ffn.w12(rms_norm(x, layer.ffn_norm.weight, layer.ffn_norm.eps))))
+    return rms_norm(x, model.norm.weight, model.norm.eps)
 
 
 def embed_like_the_model_card(model: NeoBERT, token_ids: list, batch_size: int, device: torch.device) -> torch.Tensor:

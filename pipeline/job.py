@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 import ray
 from ray.data import ActorPoolStrategy
@@ -61,16 +62,23 @@ def run_embedding_job(
     out_fs, out_root = filesystem_for(config.output, config.storage)
     if overwrite:
         remove_output(out_fs, out_root)
-    settings = embedding_settings(config, facts, tokenizer.to_json())
+    tokenizer_json = tokenizer.to_json()
+    settings = embedding_settings(config, facts, tokenizer_json)
     record, state = open_run_record(out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root))
     committed = state.committed_ranges()
     todo = [s for s in shards if not state.shard_complete(s.url, committed)]
-    summary_of = dict(output=config.output, shards=len(shards), chunks=config.long_documents == "chunk")
-    summary_of |= dict(max_error_rate=config.max_error_rate, rows_before=state.committed_rows)
+    summary_of = partial(
+        summarize,
+        output=config.output,
+        shards=len(shards),
+        started=started,
+        rows_before=state.committed_rows,
+        chunks=config.long_documents == "chunk",
+        max_error_rate=config.max_error_rate,
+    )
     if not todo:
         log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        summary = summarize(state=state, started=started, counters=None, **summary_of)
-        return checked(summary, dead_letter_example(out_fs, out_root, state))
+        return checked(summary_of(state=state, counters=None), dead_letter_example(out_fs, out_root, state))
     total_bytes = sum(s.size_bytes for s in todo)
     estimated_rows = round(total_bytes * sample.rows_per_byte) if sample.rows_per_byte else None
     log.info("%d of %d shards to do (%.1f MiB) -> %s", len(todo), len(shards), total_bytes / 2**20, config.output)
@@ -88,7 +96,7 @@ def run_embedding_job(
             rows_per_byte_guess=sample.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started
-        packs = _read_and_pack(config, facts, tokenizer.to_json(), todo, committed, rejected, progress)
+        packs = _read_and_pack(config, facts, tokenizer_json, todo, committed, rejected, progress)
         rows = _embed(packs, config, facts, progress)
         sink = CommittedParquetSink(
             config.output,
@@ -104,9 +112,7 @@ def run_embedding_job(
         release_failed_job(progress, started_ray)
         raise
     state = recover(out_fs, out_root)
-    summary = summarize(
-        state=state, started=started, counters=counters, progress_offset_s=progress_offset_s, **summary_of
-    )
+    summary = summary_of(state=state, counters=counters, progress_offset_s=progress_offset_s)
     append_run(out_fs, out_root, summary)
     return checked(summary, dead_letter_example(out_fs, out_root, state))
 
