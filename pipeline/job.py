@@ -78,7 +78,9 @@ def run_embedding_job(
     )
     if not todo:
         log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        return checked(summary_of(state=state, counters=None), dead_letter_example(out_fs, out_root, state))
+        summary = summary_of(state=state, counters=None)
+        append_run(out_fs, out_root, summary)  # with its --max-error-rate, which verify holds the output to
+        return checked(summary, dead_letter_example(out_fs, out_root, state))
     total_bytes = sum(s.size_bytes for s in todo)
     estimated_rows = round(total_bytes * sample.rows_per_byte) if sample.rows_per_byte else None
     log.info("%d of %d shards to do (%.1f MiB) -> %s", len(todo), len(shards), total_bytes / 2**20, config.output)

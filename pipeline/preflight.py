@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Bytes read from the start of the first shard to see its fields and how many rows a byte holds.
 SAMPLE_BYTES = 1 << 20
 SAMPLE_RECORDS = 200
+MIN_SAMPLE_RECORDS = 10
 # Set by `ray job submit` in the entrypoint's environment.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # What a corrupt or unreadable shard raises while sampled (zstandard's errors are plain Exceptions).
@@ -107,6 +108,7 @@ def sample_input(config: JobConfig, shards: list[Shard]) -> InputSample:
     if shard.format == "text":
         return InputSample(shard, None, rows_per_byte)
     fields: dict[str, None] = {}
+    records = 0
     for line in lines[:SAMPLE_RECORDS]:
         try:
             record = json.loads(line)
@@ -114,7 +116,9 @@ def sample_input(config: JobConfig, shards: list[Shard]) -> InputSample:
             continue
         if isinstance(record, dict):
             fields |= dict.fromkeys(record)
-    return InputSample(shard, list(fields) if fields else None, rows_per_byte)
+            records += 1
+    # A few odd rows at the start prove nothing about the corpus: they are the job's to dead-letter.
+    return InputSample(shard, list(fields) if records >= MIN_SAMPLE_RECORDS else None, rows_per_byte)
 
 
 def check_input_fields(config: JobConfig, sample: InputSample) -> None:

@@ -106,7 +106,8 @@ def status_lines(status: dict) -> list[str]:
     ]
     if status["last_run"]:
         last = status["last_run"]
-        lines.append(f"last run    {last['documents']:,} documents in {last['wall_s']:.0f}s, finished")
+        done = "found it complete" if last["already_complete"] else f"{last['documents']:,} documents embedded"
+        lines.append(f"last run    {done} in {last['wall_s']:.0f}s, finished")
     elif status["unfinished_run"]:
         lines.append("last run    unfinished (stopped or still running)")
     return lines

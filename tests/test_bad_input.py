@@ -163,7 +163,9 @@ def test_max_error_rate_fails_the_run_with_the_counts(ray_local, tmp_path, tiny_
     captured = capsys.readouterr()
     assert "10.00% of 20 rows dead-lettered as bad input, more than --max-error-rate 5.00%" in captured.err
     assert "(empty_text 1, null_text 1)" in captured.err
+    assert not verify_output(str(tmp_path / "out")).ok  # held to the ceiling its run was given
     assert main([*args, "--max-error-rate", "0.10"]) == EXIT_OK  # the same output, now within the limit
+    assert verify_output(str(tmp_path / "out")).ok
 
 
 def test_an_s3_object_that_answers_403_is_recorded_and_the_rest_embedded(
