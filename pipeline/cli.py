@@ -21,6 +21,11 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--model", "model", dict(help="Hub id, folder or URL of the checkpoint (default chandar-lab/NeoBERT)")),
     ("--revision", "revision", dict(help="Hub revision (branch, tag or commit) to pin")),
     ("--format", "format", dict(choices=["auto", "jsonl", "parquet", "text"], help="input format (default: auto)")),
+    (
+        "--fingerprint",
+        "fingerprint",
+        dict(choices=["store", "content"], help="how changed inputs are told: store size+ETag/mtime, or content hash"),
+    ),
     ("--text-field", "text_field", dict(help="field/column with the text (default: text)")),
     ("--id-field", "id_field", dict(help="field/column with the document id (default: derived from shard and row)")),
     ("--pooling", "pooling", dict(choices=list(POOLINGS), help="default: as the checkpoint declares")),
@@ -68,6 +73,16 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
     ("--target-file-mb", "target_file_mb", dict(type=float, help="largest output Parquet file (default 256)")),
     ("--endpoint-url", "storage.endpoint_url", dict(help="S3-compatible endpoint (MinIO, ...)")),
     ("--anon", "storage.anon", dict(action="store_const", const=True, help="anonymous object storage access")),
+    (
+        "--wait-for-lease",
+        "wait_for_lease_s",
+        dict(type=float, help="seconds to wait for another run writing OUTPUT to finish (default 0: exit 10)"),
+    ),
+    (
+        "--no-lease",
+        "lease",
+        dict(action="store_const", const=False, help="write without the writer lease (stores without one)"),
+    ),
     ("--ray-address", "ray_address", dict(help="Ray cluster to join, or auto (default: RAY_ADDRESS, else a new one)")),
     ("--num-cpus", "num_cpus", dict(type=int, help="CPUs of the local Ray (default all)")),
     ("--progress-interval", "progress_interval_s", dict(type=float, help="seconds between progress lines")),
@@ -98,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("verify", "check that every input row is in OUTPUT exactly once (exit 0 only if so)"),
         ("status", "show how far the job writing OUTPUT got"),
+        ("repair", "set aside damaged or stray parts so that a re-run makes OUTPUT whole again"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("output", help="the job's output folder or URL")
@@ -105,12 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--anon", action="store_true", help="anonymous object storage access")
         if name == "verify":
             command.add_argument("--skip-inputs", action="store_true", help="do not re-list the inputs")
-        else:
+            command.add_argument("--repair", action="store_true", help="repair first (see `repair`), then verify")
+        if name == "status":
             command.add_argument("--json", action="store_true", help="print the status as one JSON object")
+        if name in ("verify", "repair"):
+            command.add_argument(
+                "--wait-for-lease", type=float, default=0.0, help="seconds to wait for a run writing OUTPUT"
+            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed escaped, not raised
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     level = "WARNING" if getattr(args, "quiet", False) else (getattr(args, "log_level", None) or "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -135,8 +159,18 @@ def _inspect(args: argparse.Namespace) -> int:
         status = output_status(args.output, storage)
         print(json.dumps(status, indent=2) if args.json else "\n".join(status_lines(status)))
         return EXIT_OK
-    from pipeline.verify import verify_output
+    from pipeline.verify import repair_output, verify_output
 
+    if args.command == "repair" or args.repair:
+        repaired = repair_output(args.output, storage, wait_s=args.wait_for_lease)
+        for action in repaired.actions:
+            print(f"repaired {action}")
+        print(
+            f"repair: {len(repaired.actions)} changes"
+            + ("; re-run the job to embed what was withdrawn" * bool(repaired.actions))
+        )
+        if args.command == "repair":
+            return EXIT_OK
     report = verify_output(args.output, storage, check_inputs=not args.skip_inputs)
     for fact in report.facts:
         print(f"ok       {fact}")

@@ -92,6 +92,10 @@ class JobConfig(BaseModel):
     """Hub revision (branch, tag or commit) to pin."""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     """Input format; auto goes by file extension (.jsonl[.gz|.zst], .parquet, .txt)."""
+    fingerprint: Literal["store", "content"] = "store"
+    """How a run tells an input shard changed: store (size + ETag on object stores, size + mtime on disk:
+    free, but an in-place edit that keeps size and mtime goes unseen) or content (size + SHA-256 of the
+    bytes: every shard is read once per run to hash it)."""
     text_field: str = "text"
     """Field (JSONL) or column (Parquet) holding the document text."""
     id_field: str | None = None
@@ -141,6 +145,15 @@ class JobConfig(BaseModel):
     """Approximate size of each output Parquet file."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Object storage settings for input, output and model URLs."""
+    lease: bool = True
+    """Hold the output's writer lease while writing (lease.py), so that a second run on the same output
+    waits or is refused. False (--no-lease) only for stores without an exclusive create (GCS, Azure
+    here), where you must make sure yourself that one run writes at a time."""
+    wait_for_lease_s: float = Field(0.0, ge=0)
+    """Seconds to wait for another run to release the output's lease before giving up (exit 10)."""
+    lease_ttl_s: float = Field(60.0, ge=4)
+    """A run renews its lease every lease_ttl_s / 4; a lease not renewed for lease_ttl_s may be taken over.
+    A run on this host whose process is gone loses its lease at once."""
     ray_address: str | None = None
     """Ray cluster to join; default: RAY_ADDRESS, else a local Ray started for the job."""
     num_cpus: int | None = Field(None, ge=1)
@@ -161,6 +174,12 @@ class JobConfig(BaseModel):
     def _duplicates_need_ids(self) -> JobConfig:
         if self.duplicate_ids != "keep" and self.id_field is None:
             raise ValueError(f"duplicate_ids={self.duplicate_ids} needs id_field: derived ids never repeat")
+        return self
+
+    @model_validator(mode="after")
+    def _text_has_no_ids(self) -> JobConfig:
+        if self.format == "text" and self.id_field is not None:
+            raise ValueError("text shards are one document per line, with no fields: drop id_field (--id-field)")
         return self
 
     @model_validator(mode="after")

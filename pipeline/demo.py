@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_MODEL, load_config
-from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.io.layout import PARTS, RUN_RECORD
 from pipeline.job import run_embedding_job
 from pipeline.model.checkpoint import CheckpointError, resolve_checkpoint
 from pipeline.ray_session import quiet_ray_data

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.config import JobConfig, StorageConfig
-from pipeline.io.manifest import DUPLICATES, atomic_write, join, parquet_bytes
+from pipeline.io.layout import DUPLICATES, atomic_write, join, parquet_bytes
 from pipeline.io.shards import Shard
 from pipeline.stages.read import ShardDatasource
 

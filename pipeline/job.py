@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import ray
@@ -19,14 +20,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import JobConfig
 from pipeline.duplicate_ids import rows_to_reject
-from pipeline.io.manifest import dead_letter_example, recover
+from pipeline.io.lease import writer_lease
+from pipeline.io.manifest import dead_letter_example
+from pipeline.io.ranges import Range
+from pipeline.io.recovery import recover
 from pipeline.io.run_record import append_run, embedding_settings, open_run_record, remove_output
-from pipeline.io.shards import discover_shards
+from pipeline.io.shards import Shard, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
 from pipeline.model.cpu_allocator import GLIBC_TUNABLES
 from pipeline.model.devices import DEFAULT_MAX_TOKENS, device_type
-from pipeline.preflight import check_input_fields, check_paths_under_ray_job, inspect_model, sample_input
+from pipeline.model.inspection import CheckpointFacts
+from pipeline.preflight import check_input_fields, check_paths, inspect_model, sample_input
 from pipeline.progress import Progress, ProgressCounters, RateWindow, estimate_progress, progress_line
 from pipeline.ray_session import check_actors_fit, connect_ray, release_failed_job
 from pipeline.stages.embed import EmbedStage
@@ -44,6 +49,21 @@ MIN_PARTS_PER_RUN = 20
 MIN_ROWS_PER_PART = 1000
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the graph runs: the settings, the model, and the shards still to do."""
+
+    config: JobConfig
+    facts: CheckpointFacts
+    tokenizer_json: str
+    shards: list[Shard]
+    todo: list[Shard]
+    committed: dict[str, list[Range]]
+    generation: int
+    rows_per_byte: float | None
+    lease_token: int
+
+
 def run_embedding_job(
     config: JobConfig, *, overwrite: bool = False, on_progress: Callable[[Progress], None] | None = None
 ) -> JobSummary:
@@ -54,57 +74,71 @@ def run_embedding_job(
     """
     started = time.monotonic()
     in_fs, in_path = filesystem_for(config.input, config.storage)
-    shards = discover_shards(in_fs, in_path, config.format)
-    check_paths_under_ray_job(config)
-    sample = sample_input(config, shards)
-    check_input_fields(config, sample)
-    facts, tokenizer = inspect_model(config)
+    shards = discover_shards(in_fs, in_path, config.format, config.fingerprint)
     out_fs, out_root = filesystem_for(config.output, config.storage)
-    if overwrite:
-        remove_output(out_fs, out_root)
-    tokenizer_json = tokenizer.to_json()
-    settings = embedding_settings(config, facts, tokenizer_json)
-    record, state = open_run_record(out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root))
-    committed = state.committed_ranges()
-    todo = [s for s in shards if not state.shard_complete(s.url, committed)]
-    summary_of = partial(
-        summarize,
-        output=config.output,
-        shards=len(shards),
-        started=started,
-        rows_before=state.committed_rows,
-        chunks=config.long_documents == "chunk",
-        max_error_rate=config.max_error_rate,
-    )
-    if not todo:
-        log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        summary = summary_of(state=state, counters=None)
+    check_paths(config, out_fs, out_root)
+    sample = sample_input(config, shards)
+    check_input_fields(config, shards, sample)
+    facts, tokenizer = inspect_model(config)
+    with writer_lease(config, out_fs, out_root) as lease_token:
+        if overwrite:
+            remove_output(out_fs, out_root)
+        settings = embedding_settings(config, facts, tokenizer.to_json())
+        record, state = open_run_record(out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root))
+        committed = state.committed_ranges()
+        todo = [s for s in shards if not state.shard_complete(s.url, committed)]
+        summary_of = partial(
+            summarize,
+            output=config.output,
+            shards=len(shards),
+            started=started,
+            rows_before=state.committed_rows,
+            chunks=config.long_documents == "chunk",
+            max_error_rate=config.max_error_rate,
+        )
+        counters, progress_offset_s = None, 0.0
+        if todo:
+            log.info("%d of %d shards to do (%s) -> %s", len(todo), len(shards), _mib(todo), config.output)
+            generation = len(record["generations"]) - 1
+            plan = _Plan(
+                config,
+                facts,
+                tokenizer.to_json(),
+                shards,
+                todo,
+                committed,
+                generation,
+                sample.rows_per_byte,
+                lease_token,
+            )
+            counters, progress_offset_s = _run_graph(plan, on_progress, started)
+            state = recover(out_fs, out_root)
+        else:
+            log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
+        summary = summary_of(state=state, counters=counters, progress_offset_s=progress_offset_s)
         append_run(out_fs, out_root, summary)  # with its --max-error-rate, which verify holds the output to
-        return checked(summary, dead_letter_example(out_fs, out_root, state))
-    total_bytes = sum(s.size_bytes for s in todo)
-    estimated_rows = round(total_bytes * sample.rows_per_byte) if sample.rows_per_byte else None
-    log.info("%d of %d shards to do (%.1f MiB) -> %s", len(todo), len(shards), total_bytes / 2**20, config.output)
+    return checked(summary, dead_letter_example(out_fs, out_root, state))
 
+
+def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
+    """Read, pack, embed and commit the shards to do; the progress counters at the end, and their start."""
+    config, todo = plan.config, plan.todo
     started_ray, progress = connect_ray(config), None
     try:
         check_actors_fit(config, local=started_ray)
-        rejected = rows_to_reject(config, shards, todo, out_fs, out_root)
+        rejected = rows_to_reject(config, plan.shards, todo, *filesystem_for(config.output, config.storage))
         # On the driver's node: losing a worker node must not take the job's counters with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounters).remote(
             total_shards=len(todo),
-            total_bytes=total_bytes,
-            rows_done_before=sum(sum(b - a for a, b in committed.get(s.url, [])) for s in todo),
-            rows_per_byte_guess=sample.rows_per_byte,
+            total_bytes=sum(s.size_bytes for s in todo),
+            rows_done_before=sum(sum(b - a for a, b in plan.committed.get(s.url, [])) for s in todo),
+            rows_per_byte_guess=plan.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started
-        packs = _read_and_pack(config, facts, tokenizer_json, todo, committed, rejected, progress)
-        rows = _embed(packs, config, facts, progress)
+        rows = _embed(_read_and_pack(plan, rejected, progress), plan, progress)
         sink = CommittedParquetSink(
-            config.output,
-            config.storage,
-            len(record["generations"]) - 1,
-            _rows_per_part(config, facts.hidden_size, estimated_rows),
+            config.output, config.storage, plan.generation, _rows_per_part(plan), plan.lease_token
         )
         with _ProgressWatcher(progress, on_progress, config.progress_interval_s):
             rows.write_datasink(sink)
@@ -113,22 +147,20 @@ def run_embedding_job(
     except BaseException:
         release_failed_job(progress, started_ray)
         raise
-    state = recover(out_fs, out_root)
-    summary = summary_of(state=state, counters=counters, progress_offset_s=progress_offset_s)
-    append_run(out_fs, out_root, summary)
-    return checked(summary, dead_letter_example(out_fs, out_root, state))
+    return counters, progress_offset_s
 
 
-def _read_and_pack(config: JobConfig, facts, tokenizer_json: str, todo, committed, rejected, progress):
+def _read_and_pack(plan: _Plan, rejected, progress):
     """The read stage (a task per shard) and the pack stage (CPU tasks) of the graph."""
+    config, facts = plan.config, plan.facts
     outcomes = ShardOutcomes(config.output, config.storage, progress)
     rows = ray.data.read_datasource(
         ShardDatasource(
-            todo,
+            plan.todo,
             config.text_field,
             config.id_field,
             config.storage,
-            skip={s.url: committed[s.url] for s in todo if s.url in committed},
+            skip={s.url: plan.committed[s.url] for s in plan.todo if s.url in plan.committed},
             rejected=rejected,
             strict=config.strict,
             on_shard_read=outcomes.read_to_end,
@@ -141,7 +173,7 @@ def _read_and_pack(config: JobConfig, facts, tokenizer_json: str, todo, committe
         batch_size=config.rows_per_tokenize_batch,
         batch_format="pyarrow",
         fn_kwargs=dict(
-            tokenizer_json=tokenizer_json,
+            tokenizer_json=plan.tokenizer_json,
             max_length=facts.max_length,
             tokens_per_batch=config.tokens_per_batch or max(DEFAULT_MAX_TOKENS[device], facts.max_length),
             long_documents=config.long_documents,
@@ -151,8 +183,9 @@ def _read_and_pack(config: JobConfig, facts, tokenizer_json: str, todo, committe
     )
 
 
-def _embed(packs, config: JobConfig, facts, progress):
+def _embed(packs, plan: _Plan, progress):
     """The embed stage: an autoscaling pool of actors, one model copy each."""
+    config, facts = plan.config, plan.facts
     actors = config.actors
     remote_args = {"num_cpus": actors.cpus_per_actor, "num_gpus": actors.gpus_per_actor}
     if actors.resources_per_actor:
@@ -186,13 +219,15 @@ def _embed(packs, config: JobConfig, facts, progress):
     )
 
 
-def _rows_per_part(config: JobConfig, hidden_size: int, estimated_rows: int | None) -> int:
+def _rows_per_part(plan: _Plan) -> int:
     """Rows per output part: at most target_file_mb of Parquet, and a share of the run's rows, so that a
     run commits along the way rather than all at its end (Ray Data bundles a write by rows only)."""
-    bytes_per_row = hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
+    config = plan.config
+    bytes_per_row = plan.facts.hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
     rows = int(config.target_file_mb * 2**20 // bytes_per_row)
-    if estimated_rows:
-        rows = min(rows, max(MIN_ROWS_PER_PART, estimated_rows // MIN_PARTS_PER_RUN))
+    if plan.rows_per_byte:
+        estimated_rows = sum(s.size_bytes for s in plan.todo) * plan.rows_per_byte
+        rows = min(rows, max(MIN_ROWS_PER_PART, int(estimated_rows) // MIN_PARTS_PER_RUN))
     return max(1, rows)
 
 
@@ -229,3 +264,7 @@ class _ProgressWatcher:
             return False
         self.on_progress(estimate_progress(snapshot, self.window.add(snapshot["elapsed_s"], snapshot["tokens"])))
         return True
+
+
+def _mib(shards) -> str:
+    return f"{sum(s.size_bytes for s in shards) / 2**20:,.1f} MiB"

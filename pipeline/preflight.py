@@ -75,10 +75,13 @@ def inspect_model(config: JobConfig) -> tuple[CheckpointFacts, TextTokenizer]:
     return facts, tokenizer
 
 
-def check_paths_under_ray_job(config: JobConfig) -> None:
-    """Inside `ray job submit`, a relative local path lands in Ray's temporary copy of the working directory."""
+def check_paths(config: JobConfig, out_fs, out_root: str) -> None:
+    """OUTPUT must be a folder; under `ray job submit`, no path may be relative."""
+    if out_fs.isfile(out_root):
+        raise SettingsError(f"OUTPUT {config.output} is a file; give a folder (or URL prefix) for the embeddings")
     if RAY_JOB_ENV not in os.environ:
         return
+    # Inside `ray job submit`, a relative local path lands in Ray's temporary copy of the working directory.
     for name, url in (("INPUT", config.input), ("OUTPUT", config.output), ("--model", config.model)):
         if "://" not in url and not os.path.isabs(url) and (name != "--model" or os.path.exists(url)):
             raise SettingsError(
@@ -121,8 +124,14 @@ def sample_input(config: JobConfig, shards: list[Shard]) -> InputSample:
     return InputSample(shard, list(fields) if records >= MIN_SAMPLE_RECORDS else None, rows_per_byte)
 
 
-def check_input_fields(config: JobConfig, sample: InputSample) -> None:
+def check_input_fields(config: JobConfig, shards: list[Shard], sample: InputSample) -> None:
     """Refuse a text or id field that the first shard does not have: every row would be a dead letter."""
+    text = next((s for s in shards if s.format == "text"), None)
+    if text is not None and config.id_field is not None:
+        raise SettingsError(
+            f"--id-field {config.id_field!r}: {text.url} is a text shard, one document per line with no fields; "
+            "drop --id-field (ids are then <shard path>#<row>)"
+        )
     if sample.fields is None:
         return
     for flag, name in (("--text-field", config.text_field), ("--id-field", config.id_field)):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from pipeline.config import StorageConfig
+from pipeline.io.lease import read_lease
 from pipeline.io.manifest import read_state
 from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
@@ -19,6 +22,18 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     committed = state.committed_ranges()
     failed = state.failed_part_way()
     last_run = record["runs"][-1] if record.get("runs") else None
+    lease = read_lease(fs, root, now_s=time.time())
+    writer = None
+    if lease is not None:
+        writer = {
+            **{k: getattr(lease.holder, k) for k in ("run_id", "host", "pid", "started_at", "token")},
+            "running": lease.live,
+            "released": lease.released,
+            "heartbeat_age_s": round(lease.heartbeat_age_s, 1),
+        }
+    unfinished = bool(state.commits) and last_run is None
+    if lease is not None:  # the lease knows: a run that neither released it nor still renews it stopped
+        unfinished = not lease.released and not lease.live
     return {
         "output": output_url,
         "started": True,
@@ -37,5 +52,6 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "parts_committed": len(state.commits),
         "uncommitted_leftovers": len(state.staged | set(state.leftovers)),
         "last_run": None if last_run is None else {k: last_run[k] for k in ("documents", "wall_s", "already_complete")},
-        "unfinished_run": bool(state.commits) and last_run is None,
+        "writer": writer,
+        "unfinished_run": unfinished,
     }

@@ -104,10 +104,16 @@ def status_lines(status: dict) -> list[str]:
         f"parts       {status['parts_committed']} committed, {status['uncommitted_leftovers']} uncommitted leftovers",
         f"errors      {errors}",
     ]
-    if status["last_run"]:
+    writer = status["writer"]
+    if writer and writer["running"]:
+        lines.append(
+            f"writing     run {writer['run_id']} (pid {writer['pid']} on {writer['host']}, since "
+            f"{writer['started_at']}), last heartbeat {writer['heartbeat_age_s']:.0f}s ago"
+        )
+    if status["unfinished_run"]:
+        lines.append("last run    stopped before it finished: re-run the same command to finish it")
+    elif status["last_run"]:
         last = status["last_run"]
         done = "found it complete" if last["already_complete"] else f"{last['documents']:,} documents embedded"
         lines.append(f"last run    {done} in {last['wall_s']:.0f}s, finished")
-    elif status["unfinished_run"]:
-        lines.append("last run    unfinished (stopped or still running)")
     return lines

@@ -1,4 +1,4 @@
-"""`verify`: prove an output's guarantees against its inputs."""
+"""`verify`: prove an output's guarantees against its inputs; `repair`: make them hold again after damage."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
-from pipeline.io.manifest import ERRORS, FAILED, PARTS, RUN_RECORD, join, read_state
+from pipeline.errors import NoInputError, as_pipeline_error
+from pipeline.io.layout import ERRORS, FAILED, PARTS, QUARANTINE, RUN_RECORD, join
+from pipeline.io.lease import acquire_lease, lease_supported
+from pipeline.io.manifest import OutputState, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
+from pipeline.io.recovery import RepairReport, UnreadablePartError, load_part, part_mismatch, repair
+from pipeline.io.run_record import read_run_record
 from pipeline.io.schemas import ERRORS_SCHEMA, output_schema
-from pipeline.io.shards import shard_fingerprint
-from pipeline.io.sink import ranges_of
+from pipeline.io.shards import fingerprint
 from pipeline.io.storage import filesystem_for
 from pipeline.summary import bad_row_rate
 
@@ -35,29 +38,44 @@ class VerifyReport:
 
 
 def verify_output(output_url: str, storage: StorageConfig | None = None, *, check_inputs: bool = True) -> VerifyReport:
-    """Every input row exactly once in committed parts; no orphans; the schema the run record names."""
+    """Every input row exactly once in committed parts; no orphans; the schema the run record names.
+
+    Never raises for what it finds: an unreadable part or an unreachable store is a problem in the report.
+    """
     storage = storage or StorageConfig()
     report = VerifyReport()
+    try:
+        _verify(output_url, storage, check_inputs, report)
+    except Exception as err:
+        found = as_pipeline_error(err)
+        if found is None:
+            raise
+        report.problems.append(f"cannot read {output_url}: {found}")
+    return report
+
+
+def repair_output(output_url: str, storage: StorageConfig | None = None, *, wait_s: float = 0.0) -> RepairReport:
+    """Quarantine what no commit record may stand for and withdraw records whose part is gone or wrong,
+    holding the writer lease so no run writes meanwhile; a re-run then embeds the withdrawn rows."""
+    fs, root = filesystem_for(output_url, storage or StorageConfig())
+    record = read_run_record(fs, root)
+    if record is None:
+        raise NoInputError(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
+    chunks = record["settings"].get("long_documents") == "chunk"
+    if not lease_supported(fs):
+        return repair(fs, root, chunks=chunks)
+    with acquire_lease(fs, root, wait_s=wait_s):
+        return repair(fs, root, chunks=chunks)
+
+
+def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, report: VerifyReport) -> None:
     fs, root = filesystem_for(output_url, storage)
     if not fs.exists(join(root, RUN_RECORD)):
         report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
-        return report
+        return
     record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
     state = read_state(fs, root)
-    committed_files = {target for c in state.commits for _, target in c.files()}
-    committed_staged = {staged for c in state.commits for staged, _ in c.files()}
-
-    unpublished = [c.part for c in state.commits if state.unpublished(c)]
-    if unpublished:
-        report.problems.append(f"{len(unpublished)} committed parts not yet published (an interrupted run; re-run)")
-    orphans = sorted(state.published - committed_files)
-    if orphans:
-        report.problems.append(f"{len(orphans)} files without a commit record: {_first(orphans)}")
-    uncommitted = sorted(state.staged - committed_staged) + state.leftovers
-    if uncommitted:
-        report.problems.append(
-            f"{len(uncommitted)} uncommitted leftovers from an interrupted run (a re-run removes them)"
-        )
+    _check_files(state, report)
 
     # Each committed part holds exactly the rows its record names, embedded or dead-lettered, in the
     # recorded schemas.
@@ -71,25 +89,22 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
     for commit in state.commits:
         if state.unpublished(commit):
             continue
-        tables = {}
-        for _, target in commit.files():
-            table = pq.read_table(fs.open(join(root, target), "rb"))
-            folder = target.split("/", 1)[0]
-            if _schema_shape(table.schema) != expected[folder]:
+        try:
+            tables, schemas = load_part(fs, root, commit, ["id", "shard", "row", "chunk"])
+        except UnreadablePartError as err:
+            report.problems.append(f"{err}; repair quarantines it and a re-run embeds its rows again")
+            continue
+        for folder, shape in ((folder, _schema_shape(schema)) for folder, schema in schemas.items()):
+            if shape != expected[folder]:
                 report.problems.append(
-                    f"{target} has columns {_schema_shape(table.schema)}, expected {expected[folder]}"
+                    f"{folder}/{commit.part}.parquet has columns {shape}, expected {expected[folder]}"
                 )
-            tables[folder] = table
+        mismatch = part_mismatch(commit, tables, chunks=chunks)
+        if mismatch:
+            report.problems.append(f"{mismatch}; repair quarantines it and a re-run embeds its rows again")
         embedded = tables.get(PARTS)
         if chunks and embedded is not None:
             embedded = embedded.filter(pc.equal(embedded.column("chunk"), 0))  # one row per document
-        both = pa.concat_tables([t.select(["shard", "row"]) for t in (embedded, tables.get(ERRORS)) if t is not None])
-        if (
-            both.num_rows != commit.rows
-            or (embedded.num_rows if embedded is not None else 0) != commit.embedded_rows
-            or ranges_of(both) != commit.ranges
-        ):
-            report.problems.append(f"part {commit.part} does not hold the rows its commit record names")
         if embedded is not None:
             ids_by_generation.setdefault(commit.generation, Counter()).update(embedded.column("id").to_pylist())
     for generation, ids in sorted(ids_by_generation.items()):
@@ -140,7 +155,7 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
     if unknown:
         report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
     if check_inputs:
-        _check_fingerprints(inputs, storage, report)
+        _check_fingerprints(inputs, storage, settings.get("fingerprint", "store"), report)
 
     dead = sum(c.error_rows for c in state.commits)
     _check_dead_letter_rate(record, state, report)
@@ -151,7 +166,37 @@ def verify_output(output_url: str, storage: StorageConfig | None = None, *, chec
     )
     if failed:
         report.facts.append(f"{len(failed)} files failed part way, recorded in {FAILED}/: {_first(failed)}")
-    return report
+
+
+def _check_files(state: OutputState, report: VerifyReport) -> None:
+    """Every file where the protocol puts it: published if committed, nothing published without a record."""
+    committed_files = {target for c in state.commits for _, target in c.files()}
+    committed_staged = {staged for c in state.commits for staged, _ in c.files()}
+    unpublished = [c for c in state.commits if state.unpublished(c)]
+    waiting = [c.part for c in unpublished if all(s in state.staged for s, _ in state.unpublished(c))]
+    if waiting:
+        report.problems.append(f"{len(waiting)} committed parts not yet published (an interrupted run; re-run)")
+    lost = [c.part for c in unpublished if c.part not in waiting]
+    if lost:
+        report.problems.append(
+            f"{len(lost)} committed parts are missing: {_first(lost)}; repair withdraws their records and a "
+            "re-run embeds their rows again"
+        )
+    if state.fenced:
+        report.problems.append(
+            f"{len(state.fenced)} parts were committed by a run after it had lost the writer lease: "
+            f"{_first([c.part for c in state.fenced])}; they do not count: repair (or the next run) quarantines them"
+        )
+    orphans = sorted(state.published - committed_files)
+    if orphans:
+        report.problems.append(
+            f"{len(orphans)} files without a commit record: {_first(orphans)}; repair moves them to {QUARANTINE}/"
+        )
+    uncommitted = sorted(state.staged - committed_staged) + state.leftovers
+    if uncommitted:
+        report.problems.append(
+            f"{len(uncommitted)} uncommitted leftovers from an interrupted run (a re-run removes them)"
+        )
 
 
 def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
@@ -171,12 +216,12 @@ def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
         report.facts.append(f"bad-input dead-letter rate {rate:.2%}, within the {ceiling:.2%} allowed")
 
 
-def _check_fingerprints(inputs: list[dict], storage: StorageConfig, report: VerifyReport) -> None:
+def _check_fingerprints(inputs: list[dict], storage: StorageConfig, mode: str, report: VerifyReport) -> None:
     changed = []
     for shard in inputs:
         fs, path = filesystem_for(shard["url"], storage)
         try:
-            now = shard_fingerprint(fs.info(path))
+            now = fingerprint(fs, path, fs.info(path), mode)
         except FileNotFoundError:
             report.facts.append(f"{shard['url']}: no longer exists (its embeddings stay)")
             continue
@@ -185,7 +230,7 @@ def _check_fingerprints(inputs: list[dict], storage: StorageConfig, report: Veri
     if changed:
         report.problems.append(f"{len(changed)} input shards changed since they were embedded: {_first(changed)}")
     else:
-        report.facts.append("input fingerprints unchanged")
+        report.facts.append(f"input fingerprints unchanged ({mode})")
 
 
 def _schema_shape(schema: pa.Schema) -> list[tuple]:

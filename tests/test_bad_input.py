@@ -13,7 +13,8 @@ from corpus import jsonl_bytes, make_docs, parquet_bytes
 from pipeline.cli import main
 from pipeline.config import StorageConfig
 from pipeline.errors import EXIT_OK, BadInputError, IncompleteRunError
-from pipeline.io.manifest import ERRORS, FAILED, PARTS, read_state
+from pipeline.io.layout import ERRORS, FAILED, PARTS
+from pipeline.io.manifest import read_state
 from pipeline.io.storage import filesystem_for
 from pipeline.status import output_status
 from pipeline.verify import verify_output
@@ -211,7 +212,7 @@ def test_an_s3_object_that_answers_403_is_recorded_and_the_rest_embedded(
 @pytest.mark.parametrize("policy", ["keep", "flag", "reject"])
 def test_duplicate_ids_are_kept_flagged_or_rejected(ray_local, tmp_path, tiny_checkpoint, policy):
     from pipeline.config import load_config
-    from pipeline.io.manifest import DUPLICATES
+    from pipeline.io.layout import DUPLICATES
     from pipeline.job import run_embedding_job
 
     (tmp_path / "in").mkdir()

@@ -83,7 +83,7 @@ def test_a_worker_node_removed_mid_job_loses_and_duplicates_nothing(cluster, tmp
     """The job finishes, or fails cleanly and a re-run finishes; verify passes either way."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.io.manifest import COMMITS
+    from pipeline.io.layout import COMMITS
     from pipeline.verify import verify_output
 
     (tmp_path / "in").mkdir()

@@ -20,7 +20,7 @@ import pytest
 from conftest import after_first_commit, start_test_ray
 from corpus import jsonl_bytes, make_docs
 
-from pipeline.io.manifest import COMMITS, PARTS
+from pipeline.io.layout import COMMITS, PARTS
 from pipeline.verify import verify_output
 
 RUN_TIMEOUT_S = 180

@@ -12,7 +12,7 @@ from corpus import jsonl_bytes, make_docs, parquet_bytes
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import EXIT_OK, ModelError, NoInputError, OutputConflictError, SettingsError
-from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.io.layout import PARTS, RUN_RECORD
 from pipeline.io.run_record import SettingsMismatchError
 from pipeline.job import run_embedding_job
 

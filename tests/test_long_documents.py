@@ -12,7 +12,7 @@ from corpus import make_docs
 
 from pipeline import Encoder
 from pipeline.config import load_config
-from pipeline.io.manifest import ERRORS, PARTS
+from pipeline.io.layout import ERRORS, PARTS
 from pipeline.job import run_embedding_job
 from pipeline.tokenizer import TextTokenizer
 from pipeline.verify import verify_output

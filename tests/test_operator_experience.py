@@ -23,7 +23,7 @@ import pipeline
 from pipeline.cli import build_parser, main
 from pipeline.config import load_config
 from pipeline.errors import EXIT_OK, IncompleteRunError, SettingsError, StorageAccessError
-from pipeline.io.manifest import ERRORS, PARTS, RUN_RECORD
+from pipeline.io.layout import ERRORS, PARTS, RUN_RECORD
 from pipeline.verify import verify_output
 
 CLI_TIMEOUT_S = 180

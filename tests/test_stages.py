@@ -17,8 +17,10 @@ from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig
 from pipeline.faults import SimulatedCrash, crash_at
-from pipeline.io.manifest import COMMITS, ERRORS, PARTS, STAGING, read_state, recover
+from pipeline.io.layout import COMMITS, ERRORS, PARTS, STAGING
+from pipeline.io.manifest import read_state
 from pipeline.io.readers import ROW_SCHEMA
+from pipeline.io.recovery import recover
 from pipeline.io.schemas import output_schema
 from pipeline.io.shards import discover_shards
 from pipeline.io.sink import CommittedParquetSink

@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 from pipeline import Encoder
 from pipeline.cli import main
 from pipeline.errors import EXIT_OK, ModelError
-from pipeline.io.manifest import PARTS, RUN_RECORD
+from pipeline.io.layout import PARTS, RUN_RECORD
 from pipeline.model.checkpoint import UnsupportedModelError
 from pipeline.model.sentence_transformers_meta import UnsupportedSentenceTransformerError
 

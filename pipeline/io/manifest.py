@@ -1,91 +1,42 @@
-"""The output folder's commit protocol: what is committed is exactly what the commit records say.
-
-Layout under the output root:
-
-    _neobert_run.json          run record: model, settings, inputs by generation (written first)
-    _staging/<part>.parquet    a part written but maybe not committed yet
-    _commits/<part>.json       commit record: the part's rows as (shard, row ranges); THE commit point
-    parts/<part>.parquet       committed embeddings, published after its commit record
-    errors/<part>.parquet      the same part's dead letters: rows that could not be embedded, and why
-    _shards/<key>.json         a shard read to its end: its URL, fingerprint and row count
-    _failed/<key>.json         a shard that failed part way (corrupt, denied, vanished): rows read, reason
-    duplicates.parquet         with duplicate_ids flag/reject: every repeat of an id and where its first is
+"""The output's commit protocol: what is committed is exactly what the commit records say.
 
 A part is written to _staging (atomically), then its commit record, then it is moved to parts/.
 A crash before the commit record leaves an uncommitted part that the next run deletes; a crash
-after it leaves a committed part that the next run publishes. Part names are a hash of the rows
-they hold, so a retried write of the same rows replaces itself instead of duplicating.
+after it leaves a committed part that the next run publishes (recovery.py). Part names are a hash
+of the rows they hold, so a retried write of the same rows replaces itself instead of duplicating.
+Each commit record names the writer lease token it was made under (lease.py): one made after a
+later token was taken is a lost writer's, and is set aside here as fenced, never counted.
+The folders are in layout.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.layout import (
+    COMMITS,
+    ERRORS,
+    FAILED,
+    PARTS,
+    SHARDS,
+    STAGING,
+    atomic_write,
+    cat_many,
+    join,
+    listing,
+    name_of,
+    shard_key,
+)
+from pipeline.io.lease import fences
 from pipeline.io.ranges import Range, merge_ranges
 
 log = logging.getLogger(__name__)
-
-RUN_RECORD = "_neobert_run.json"
-STAGING = "_staging"
-COMMITS = "_commits"
-PARTS = "parts"
-ERRORS = "errors"
-SHARDS = "_shards"
-FAILED = "_failed"
-DUPLICATES = "duplicates.parquet"
-
-
-def join(root: str, *names: str) -> str:
-    return "/".join([root.rstrip("/"), *names])
-
-
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Readers see the whole file or nothing: object stores put atomically; local files are renamed."""
-    if _is_local(fs):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    """A whole Parquet file in memory (zstd), for atomic_write."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
-def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
-    """Rename locally (atomic); server-side copy then delete on object stores (the copy is atomic)."""
-    if _is_local(fs):
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    fs.mv(source, target)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def part_name(shard_rows: dict[str, list[Range]]) -> str:
-    """Deterministic name from the rows a part holds."""
-    digest = hashlib.sha256(json.dumps(sorted(shard_rows.items())).encode()).hexdigest()
-    return f"part-{digest[:32]}"
-
-
-def shard_key(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -99,6 +50,8 @@ class CommitRecord:
     generation: int
     error_counts: dict[str, int] = field(default_factory=dict)
     """Dead-lettered rows by reason code; they are in errors/<part>.parquet, the rest in parts/."""
+    lease_token: int = 0
+    """The writer lease token it was committed under; 0 for a run without a lease."""
 
     @property
     def error_rows(self) -> int:
@@ -116,6 +69,7 @@ class CommitRecord:
                 "generation": self.generation,
                 "ranges": self.ranges,
                 "error_counts": self.error_counts,
+                "lease_token": self.lease_token,
             }
         ).encode()
 
@@ -123,7 +77,14 @@ class CommitRecord:
     def from_json(cls, raw: bytes) -> CommitRecord:
         data = json.loads(raw)
         ranges = {url: [tuple(r) for r in rs] for url, rs in data["ranges"].items()}
-        return cls(data["part"], data["rows"], ranges, data["generation"], data.get("error_counts", {}))
+        return cls(
+            data["part"],
+            data["rows"],
+            ranges,
+            data["generation"],
+            data.get("error_counts", {}),
+            data.get("lease_token", 0),
+        )
 
     def files(self) -> list[tuple[str, str]]:
         """(staged name, published path) of each file the part has, relative to the output root."""
@@ -160,6 +121,8 @@ class OutputState:
     """What an output folder holds, read in a handful of listings."""
 
     commits: list[CommitRecord] = field(default_factory=list)
+    fenced: list[CommitRecord] = field(default_factory=list)
+    """Commit records a run made after it had lost the writer lease: not committed (recovery quarantines them)."""
     shards_done: dict[str, ShardDone] = field(default_factory=dict)
     file_failures: dict[str, FileFailure] = field(default_factory=dict)
     published: set[str] = field(default_factory=set)
@@ -210,46 +173,33 @@ class OutputState:
 
 
 def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
+    """The output's state, in a handful of listings.
+
+    Staging is listed before the commit records, and they before the published files: a part
+    staged, committed and published while this reads is then named by a record this read sees, so
+    recovery never takes a committed part for an uncommitted one.
+    """
     state = OutputState()
-    commit_files = _list(fs, join(root, COMMITS), ".json")
-    for _, raw in _cat_many(fs, commit_files):
-        state.commits.append(CommitRecord.from_json(raw))
-    for _, raw in _cat_many(fs, _list(fs, join(root, SHARDS), ".json")):
+    for path in listing(fs, join(root, STAGING)):
+        if path.endswith(".parquet"):
+            state.staged.add(name_of(path))
+        else:
+            state.leftovers.append(path)
+    takeovers = fences(fs, root)
+    commit_files = listing(fs, join(root, COMMITS), ".json")
+    for path, raw in cat_many(fs, list(commit_files)):
+        commit = CommitRecord.from_json(raw)
+        # A lower token's commit made once a later token had taken the lease over: a lost writer's.
+        lost = any(commit.lease_token < token and commit_files[path] >= taken for token, taken in takeovers)
+        (state.fenced if lost else state.commits).append(commit)
+    for _, raw in cat_many(fs, list(listing(fs, join(root, SHARDS), ".json"))):
         data = json.loads(raw)
         state.shards_done[data["url"]] = ShardDone(data["url"], data["fingerprint"], data["rows"])
-    for _, raw in _cat_many(fs, _list(fs, join(root, FAILED), ".json")):
+    for _, raw in cat_many(fs, list(listing(fs, join(root, FAILED), ".json"))):
         failure = FileFailure(**json.loads(raw))
         state.file_failures[failure.url] = failure
     for folder in (PARTS, ERRORS):
-        state.published |= {f"{folder}/{_name(p)}" for p in _list(fs, join(root, folder), ".parquet")}
-    for path in _list(fs, join(root, STAGING), ""):
-        if path.endswith(".parquet"):
-            state.staged.add(_name(path))
-        else:
-            state.leftovers.append(path)
-    return state
-
-
-def recover(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
-    """Finish what a crashed run left: publish committed parts, delete uncommitted ones."""
-    state = read_state(fs, root)
-    committed_files = set()
-    for commit in state.commits:
-        committed_files |= {staged for staged, _ in commit.files()}
-        for staged, target in state.unpublished(commit):
-            if staged in state.staged:
-                move(fs, join(root, STAGING, staged), join(root, target))
-                state.published.add(target)
-                log.info("published %s, committed by an interrupted run", target)
-    uncommitted = sorted(state.staged - committed_files)
-    for name in uncommitted:
-        fs.rm(join(root, STAGING, name))
-    for path in state.leftovers:
-        fs.rm(path)
-    if uncommitted or state.leftovers:
-        log.info("removed %d uncommitted files left by an interrupted run", len(uncommitted) + len(state.leftovers))
-    state.staged = set()
-    state.leftovers = []
+        state.published |= {f"{folder}/{name_of(p)}" for p in listing(fs, join(root, folder), ".parquet")}
     return state
 
 
@@ -276,24 +226,3 @@ def write_shard_done(fs: fsspec.AbstractFileSystem, root: str, done: ShardDone) 
 def write_file_failure(fs: fsspec.AbstractFileSystem, root: str, failure: FileFailure) -> None:
     data = json.dumps(dataclasses.asdict(failure)).encode()
     atomic_write(fs, join(root, FAILED, f"{shard_key(failure.url)}.json"), data)
-
-
-def _list(fs: fsspec.AbstractFileSystem, folder: str, suffix: str) -> list[str]:
-    # Never trust a cached listing: other processes commit while this one runs.
-    fs.invalidate_cache(folder)
-    try:
-        return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(suffix))
-    except FileNotFoundError:
-        return []
-
-
-def _cat_many(fs: fsspec.AbstractFileSystem, paths: list[str]):
-    # One call, so object stores fetch the small records concurrently.
-    if not paths:
-        return []
-    contents = fs.cat(paths, on_error="raise")
-    return [(p, contents[p]) for p in paths]
-
-
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]

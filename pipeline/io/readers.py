@@ -129,6 +129,13 @@ def _table(columns: dict[str, list], shard: Shard) -> pa.Table:
 
 def _records(shard: Shard, text_field: str, id_field: str | None, storage: StorageConfig):
     """(id or None, text or None, RowProblem or None) per row; _FileFailedError when the file cannot go on."""
+    try:
+        shard.url.encode("utf-8")
+    except UnicodeEncodeError as err:  # ids, records and Arrow columns all need the name as text
+        name = shard.url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise _FileFailedError(
+            FileProblem("invalid_file_name", f"the file name {name} is not valid UTF-8 ({err.reason}); rename it")
+        ) from err
     fs, path = filesystem_for(shard.url, storage)
     try:
         if shard.format == "parquet":
@@ -205,7 +212,9 @@ def _json_record(line: str, text_field: str, id_field: str | None):
         if record.get(id_field) is None:
             message = f"no id in field {id_field!r}; is --id-field correct? Fields: {sorted(record)}"
             return None, None, _problem("missing_id", message, line)
-        doc_id = str(record[id_field])
+        doc_id, problem = _checked_id(record[id_field], id_field, lambda: line)
+        if problem is not None:
+            return None, None, problem
     if text_field not in record:
         message = f"no field {text_field!r}; is --text-field correct? Fields: {sorted(record)}"
         return doc_id, None, _problem("missing_text", message, line)
@@ -223,6 +232,19 @@ def _checked_text(value, raw: Callable[[], str], field: str = "text") -> tuple[s
     if "\x00" in value:
         return None, _problem("nul_bytes", "the text holds NUL bytes (binary data?); remove them upstream", raw())
     return None, _problem("empty_text", "the text is empty or only whitespace", raw())
+
+
+def _checked_id(value, field: str, raw: Callable[[], str]) -> tuple[str | None, RowProblem | None]:
+    """An id is a string or an integer, stored as text: 1 and "1" are the same id. Anything else is refused
+    rather than stored as its Python form."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), None
+    kind = type(value).__name__
+    return None, _problem(
+        "invalid_id", f"the id in {field!r} is a {kind} ({value!r:.40}); ids are strings or integers", raw()
+    )
 
 
 def _problem(reason: str, message: str, raw: str | bytes) -> RowProblem:
@@ -253,7 +275,12 @@ def _parquet_records(fs, path, shard: Shard, text_field: str, id_field: str | No
                 def raw(text=text, doc_id=doc_id) -> str:  # the row as JSON, only for a row that is a problem
                     return json.dumps({text_field: text, **({id_field: doc_id} if id_field else {})}, default=str)
 
-                if id_field is not None and doc_id is None:
-                    yield None, None, _problem("missing_id", f"null id in column {id_field!r}", raw())
-                    continue
-                yield (None if doc_id is None else str(doc_id), *_checked_text(text, raw, text_field))
+                if id_field is not None:
+                    if doc_id is None:
+                        yield None, None, _problem("missing_id", f"null id in column {id_field!r}", raw())
+                        continue
+                    doc_id, problem = _checked_id(doc_id, id_field, raw)
+                    if problem is not None:
+                        yield None, None, problem
+                        continue
+                yield (doc_id, *_checked_text(text, raw, text_field))

@@ -20,19 +20,21 @@ import fsspec
 
 import pipeline
 from pipeline.errors import OutputConflictError
-from pipeline.io.manifest import (
+from pipeline.faults import failpoint
+from pipeline.io.layout import (
     COMMITS,
     DUPLICATES,
     ERRORS,
     FAILED,
     PARTS,
+    QUARANTINE,
     RUN_RECORD,
     SHARDS,
     STAGING,
-    OutputState,
     atomic_write,
     join,
 )
+from pipeline.io.manifest import OutputState
 from pipeline.io.schemas import output_schema
 from pipeline.io.shards import Shard
 
@@ -58,10 +60,13 @@ PINNED_SETTINGS = (
     "long_documents",
     "chunk_overlap",
     "format",
+    "fingerprint",
 )
+# What a record written before a setting existed meant by leaving it out.
+SETTINGS_BEFORE_THEY_EXISTED = {"fingerprint": "store"}
 # What --overwrite removes: commit records first, so that what is left is never taken for committed
 # work under the new settings, and the run record last.
-OUTPUT_ENTRIES = (COMMITS, PARTS, ERRORS, STAGING, SHARDS, FAILED, DUPLICATES, RUN_RECORD)
+OUTPUT_ENTRIES = (COMMITS, PARTS, ERRORS, STAGING, SHARDS, FAILED, QUARANTINE, DUPLICATES, RUN_RECORD)
 
 
 class SettingsMismatchError(OutputConflictError):
@@ -94,6 +99,7 @@ def embedding_settings(config: JobConfig, facts: CheckpointFacts, tokenizer_json
         "long_documents": config.long_documents,
         "chunk_overlap": config.chunk_overlap if chunks else None,
         "format": config.format,
+        "fingerprint": config.fingerprint,
         "schema": str(output_schema(facts.hidden_size, config.output_dtype, chunks=config.long_documents == "chunk")),
     }
 
@@ -154,6 +160,7 @@ def open_run_record(
 
 
 def _differences(stored: dict, settings: dict) -> str:
+    stored = {**SETTINGS_BEFORE_THEY_EXISTED, **stored}
     different = [key for key in PINNED_SETTINGS if stored.get(key) != settings[key]]
     return "; ".join(f"{key}: stored {stored.get(key)!r}, now {settings[key]!r}" for key in different)
 
@@ -166,8 +173,9 @@ def append_run(fs: fsspec.AbstractFileSystem, root: str, summary) -> None:
 
 
 def remove_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """--overwrite: remove what this pipeline wrote there, nothing else."""
+    """--overwrite: remove what this pipeline wrote there, nothing else (the writer lease stays)."""
     for name in OUTPUT_ENTRIES:
+        failpoint(f"overwrite.{name}")
         path = join(root, name)
         if fs.exists(path):
             fs.rm(path, recursive=True)

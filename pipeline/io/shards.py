@@ -1,7 +1,10 @@
-"""Discover input shards and fingerprint them (size + ETag/mtime) so runs can tell what changed."""
+"""Discover input shards and fingerprint them (size + ETag/mtime, or a hash of the bytes) so runs can tell
+what changed."""
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -55,10 +58,31 @@ def shard_fingerprint(info: dict) -> str:
     return f"size={size};mtime={mtime}"
 
 
-def discover_shards(fs: fsspec.AbstractFileSystem, path: str, requested_format: str = "auto") -> list[Shard]:
-    """All readable shards under a folder, matching a glob, or the one file named; sorted by path."""
+def content_fingerprint(fs: fsspec.AbstractFileSystem, path: str, size: int) -> str:
+    """size + SHA-256 of the bytes: catches an edit that keeps size and mtime, at the cost of a full read."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return f"size={size};sha256={digest.hexdigest()}"
+
+
+def fingerprint(fs: fsspec.AbstractFileSystem, path: str, info: dict, mode: str = "store") -> str:
+    """The shard's fingerprint: what the store says of it ('store'), or a hash of its bytes ('content')."""
+    return content_fingerprint(fs, path, info.get("size")) if mode == "content" else shard_fingerprint(info)
+
+
+def discover_shards(
+    fs: fsspec.AbstractFileSystem, path: str, requested_format: str = "auto", fingerprint_mode: str = "store"
+) -> list[Shard]:
+    """All readable shards under a folder, matching a glob, or the one file named; sorted by path.
+
+    A folder, given or matched by a glob, is searched inside, whatever its name.
+    """
     if any(ch in path for ch in "*?["):
-        infos = fs.glob(path, detail=True)
+        infos = {}
+        for name, info in fs.glob(path, detail=True).items():
+            infos |= fs.find(name, detail=True) if info.get("type") == "directory" else {name: info}
         root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
         infos = fs.find(path, detail=True)
@@ -68,25 +92,30 @@ def discover_shards(fs: fsspec.AbstractFileSystem, path: str, requested_format: 
         root = path.rsplit("/", 1)[0]
     else:
         raise NoInputError(f"input {fs.unstrip_protocol(path)} does not exist; check the path and its credentials")
-    shards = []
+    found = []
     for name, info in sorted(infos.items()):
         if info.get("type") == "directory" or name.rsplit("/", 1)[-1].startswith(("_", ".")):
             continue
         fmt = shard_format(name, requested_format)
-        if fmt is None:
-            continue
-        shards.append(
-            Shard(
-                url=fs.unstrip_protocol(name),
-                relative_path=name[len(root) :].lstrip("/") if name.startswith(root) else name,
-                format=fmt,
-                size_bytes=int(info.get("size") or 0),
-                fingerprint=shard_fingerprint(info),
-            )
-        )
-    if not shards:
+        if fmt is not None:
+            found.append((name, info, fmt))
+    if not found:
         raise NoInputError(
             f"no .jsonl[.gz|.zst], .parquet or .txt shards found at {fs.unstrip_protocol(path)}; "
             "check the path, or set --format for other extensions"
         )
-    return shards
+    if fingerprint_mode == "content":
+        with ThreadPoolExecutor(max_workers=8) as pool:  # reading and hashing release the GIL
+            prints = list(pool.map(lambda entry: content_fingerprint(fs, entry[0], entry[1].get("size")), found))
+    else:
+        prints = [shard_fingerprint(info) for _, info, _ in found]
+    return [
+        Shard(
+            url=fs.unstrip_protocol(name),
+            relative_path=name[len(root) :].lstrip("/") if name.startswith(root) else name,
+            format=fmt,
+            size_bytes=int(info.get("size") or 0),
+            fingerprint=print_,
+        )
+        for (name, info, fmt), print_ in zip(found, prints, strict=True)
+    ]

@@ -11,7 +11,8 @@ import logging
 import ray
 
 from pipeline.config import StorageConfig
-from pipeline.io.manifest import FAILED, FileFailure, ShardDone, write_file_failure, write_shard_done
+from pipeline.io.layout import FAILED
+from pipeline.io.manifest import FileFailure, ShardDone, write_file_failure, write_shard_done
 from pipeline.io.readers import FileProblem
 from pipeline.io.shards import Shard
 from pipeline.io.storage import filesystem_for

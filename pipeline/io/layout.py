@@ -1,0 +1,155 @@
+"""The output folder's layout, and the few storage operations its protocol is built from.
+
+_neobert_run.json          run record: model, settings, inputs by generation (written first)
+_lease/<token>.json        who holds the writer lease, created once per holder (lease.py)
+_staging/<part>.parquet    a part written but maybe not committed yet
+_commits/<part>.json       commit record: the part's rows as (shard, row ranges); THE commit point
+parts/<part>.parquet       committed embeddings, published after its commit record
+errors/<part>.parquet      the same part's dead letters: rows that could not be embedded, and why
+_shards/<key>.json         a shard read to its end: its URL, fingerprint and row count
+_failed/<key>.json         a shard that failed part way (corrupt, denied, vanished): rows read, reason
+_quarantine/               what recover or repair took out of the output: never read, kept for a look
+duplicates.parquet         with duplicate_ids flag/reject: every repeat of an id and where its first is
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import datetime
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.ranges import Range
+
+RUN_RECORD = "_neobert_run.json"
+LEASE = "_lease"
+STAGING = "_staging"
+COMMITS = "_commits"
+PARTS = "parts"
+ERRORS = "errors"
+SHARDS = "_shards"
+FAILED = "_failed"
+QUARANTINE = "_quarantine"
+DUPLICATES = "duplicates.parquet"
+
+
+def join(root: str, *names: str) -> str:
+    return "/".join([root.rstrip("/"), *names])
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Readers see the whole file or nothing: object stores put atomically; local files are renamed."""
+    if is_local(fs):
+        tmp = _hidden_temporary(fs, path)
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _hidden_temporary(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A name beside path for writing it first: hidden (listing() skips it), so a crash leaves no file
+    that any reader or recovery takes for part of the output."""
+    folder, name = path.rsplit("/", 1)
+    fs.makedirs(folder, exist_ok=True)
+    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write path only if nothing is there (FileExistsError otherwise), whole or not at all.
+
+    S3 does it with a conditional PUT (If-None-Match: *); a local file is written aside and then
+    hard-linked into place, which fails if the name exists.
+    """
+    if is_local(fs):
+        import os
+
+        tmp = _hidden_temporary(fs, path)
+        fs.pipe_file(tmp, data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.remove(tmp)
+    else:
+        fs.pipe_file(path, data, mode="create")
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A whole Parquet file in memory (zstd), for atomic_write."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Rename locally (atomic); server-side copy then delete on object stores (the copy is atomic)."""
+    if is_local(fs):
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    fs.mv(source, target)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def part_name(shard_rows: dict[str, list[Range]]) -> str:
+    """Deterministic name from the rows a part holds."""
+    digest = hashlib.sha256(json.dumps(sorted(shard_rows.items())).encode()).hexdigest()
+    return f"part-{digest[:32]}"
+
+
+def shard_key(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def listing(fs: fsspec.AbstractFileSystem, folder: str, suffix: str = "") -> dict[str, float]:
+    """The files in folder ending in suffix, with the store's own modification time of each (seconds).
+
+    Never a cached listing: other processes commit while this one runs. Times come from the store's
+    clock (S3's LastModified, to the second; a local file's mtime), so they order writes by one clock.
+    Hidden names (a local write in progress) are left out.
+    """
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        entry["name"]: modified_s(entry)
+        for entry in entries
+        if entry.get("type") != "directory"
+        and entry["name"].endswith(suffix)
+        and not name_of(entry["name"]).startswith(".")
+    }
+
+
+def exists_now(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether path exists, asked of the store, not of a listing this process cached earlier."""
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    return fs.exists(path)
+
+
+def modified_s(info: dict) -> float:
+    value = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value or 0.0)
+
+
+def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[tuple[str, bytes]]:
+    """(path, contents) of small files, fetched in one call (concurrently on object stores)."""
+    if not paths:
+        return []
+    contents = fs.cat(sorted(paths), on_error="raise")
+    return [(p, contents[p]) for p in sorted(paths)]
+
+
+def name_of(path: str) -> str:
+    return path.rsplit("/", 1)[-1]

@@ -1,0 +1,182 @@
+"""Bring an output back to exactly what its commit records say: after a crash (recover), and after
+damage (repair). Nothing is deleted that a commit record names; what is taken out goes to
+_quarantine/, where nothing reads it, so a mistake is never a loss.
+
+recover() runs at the start and the end of every run, by the holder of the writer lease:
+  - committed parts still in _staging are published; uncommitted ones are deleted;
+  - commit records of a run that had lost the lease (manifest: fenced) go to quarantine with their
+    files, so those rows are embedded again by the lease holder, once;
+  - files under parts/ or errors/ that no commit record names (an interrupted --overwrite, a copy, a
+    deleted record) go to quarantine.
+repair() also checks that every committed part is there, readable, and holds exactly the rows its
+record names; a part that does not is quarantined with its record, so a re-run embeds its rows again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, exists_now, join, move
+from pipeline.io.manifest import CommitRecord, OutputState, read_state
+from pipeline.io.ranges import rows_to_ranges
+
+log = logging.getLogger(__name__)
+
+
+class UnreadablePartError(Exception):
+    """A published part cannot be read as Parquet."""
+
+
+@dataclass
+class RepairReport:
+    """What repair changed, one line each, and the output's state after it."""
+
+    actions: list[str] = field(default_factory=list)
+    state: OutputState = field(default_factory=OutputState)
+
+
+def recover(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
+    """Finish what a crashed run left; set aside what no commit record may stand for."""
+    state = read_state(fs, root)
+    for commit in state.fenced:
+        _quarantine_commit(fs, root, state, commit, "it was committed after its run had lost the writer lease")
+    state.fenced = []
+    committed_files = set()
+    for commit in state.commits:
+        committed_files |= {staged for staged, _ in commit.files()}
+        for staged, target in state.unpublished(commit):
+            if staged in state.staged:
+                if _move_if_there(fs, join(root, STAGING, staged), join(root, target)):
+                    log.info("published %s, committed by an interrupted run", target)
+                state.published.add(target)
+                state.staged.discard(staged)
+    uncommitted = sorted(state.staged - committed_files)
+    for path in [join(root, STAGING, name) for name in uncommitted] + state.leftovers:
+        _remove_if_there(fs, path)
+    if uncommitted or state.leftovers:
+        log.info("removed %d uncommitted files left by an interrupted run", len(uncommitted) + len(state.leftovers))
+    state.staged, state.leftovers = set(), []
+    named = {target for c in state.commits for _, target in c.files()}
+    for target in sorted(state.published - named):
+        part = target.rsplit("/", 1)[-1].removesuffix(".parquet")
+        if exists_now(fs, join(root, COMMITS, f"{part}.json")):  # committed since the listing: not an orphan
+            continue
+        _move_aside(fs, root, target)
+        state.published.discard(target)
+        log.warning(
+            "%s has no commit record: moved to %s/ (its rows are embedded again if missing)", target, QUARANTINE
+        )
+    return state
+
+
+def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool) -> RepairReport:
+    """recover(), then withdraw every commit whose part is missing, unreadable or holds other rows."""
+    report = RepairReport()
+    before = read_state(fs, root)
+    named = {target for c in before.commits for _, target in c.files()}
+    orphans = sorted(before.published - named)
+    state = recover(fs, root)
+    report.actions += [f"quarantined {target}: no commit record names it" for target in orphans]
+    report.actions += [f"quarantined part {c.part}: committed after its run lost the lease" for c in before.fenced]
+    for commit in list(state.commits):
+        missing = [target for _, target in commit.files() if target not in state.published]
+        if missing:
+            reason = f"its file {missing[0]} is missing"
+        else:
+            try:
+                tables, _ = load_part(fs, root, commit, ["shard", "row", "chunk"])
+                reason = part_mismatch(commit, tables, chunks=chunks)
+            except UnreadablePartError as err:
+                reason = str(err)
+        if reason:
+            _quarantine_commit(fs, root, state, commit, reason)
+            report.actions.append(f"withdrew part {commit.part} ({commit.rows:,} rows are embedded again): {reason}")
+    report.state = state
+    return report
+
+
+def load_part(
+    fs: fsspec.AbstractFileSystem, root: str, commit: CommitRecord, columns: list[str] | None = None
+) -> tuple[dict[str, pa.Table], dict[str, pa.Schema]]:
+    """The part's published tables (those columns) and whole schemas by folder (parts, errors);
+    UnreadablePartError if a file cannot be read."""
+    tables, schemas = {}, {}
+    for _, target in commit.files():
+        folder = target.split("/", 1)[0]
+        try:
+            with fs.open(join(root, target), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                schemas[folder] = parquet.schema_arrow
+                wanted = None if columns is None else [c for c in columns if c in parquet.schema_arrow.names]
+                tables[folder] = parquet.read(columns=wanted)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise UnreadablePartError(f"{target} cannot be read ({type(err).__name__}: {err})") from err
+    return tables, schemas
+
+
+def part_mismatch(commit: CommitRecord, tables: dict[str, pa.Table], *, chunks: bool) -> str | None:
+    """Why the part's tables do not hold exactly the rows its record names, or None when they do."""
+    embedded = tables.get(PARTS)
+    if chunks and embedded is not None:
+        embedded = embedded.filter(pc.equal(embedded.column("chunk"), 0))  # one row per document
+    both = [t.select(["shard", "row"]) for t in (embedded, tables.get(ERRORS)) if t is not None]
+    rows = pa.concat_tables(both) if both else pa.table({"shard": pa.array([], pa.string()), "row": []})
+    embedded_rows = embedded.num_rows if embedded is not None else 0
+    if rows.num_rows != commit.rows or embedded_rows != commit.embedded_rows or ranges_of(rows) != commit.ranges:
+        return f"part {commit.part} does not hold the rows its commit record names"
+    return None
+
+
+def ranges_of(table: pa.Table) -> dict[str, list[tuple[int, int]]]:
+    """Which (shard, rows) a table holds, as merged row ranges per shard URL."""
+    ranges = {}
+    shards = table.column("shard")
+    for url in pc.unique(shards).to_pylist():
+        rows = table.column("row").filter(pc.equal(shards, url)).to_numpy()
+        ranges[url] = rows_to_ranges(rows)
+    return ranges
+
+
+def _quarantine_commit(
+    fs: fsspec.AbstractFileSystem, root: str, state: OutputState, commit: CommitRecord, why: str
+) -> None:
+    """Take a part and its commit record out of the output: the record last, so that a crash midway
+    leaves a record whose part is missing, which the next repair withdraws."""
+    for staged, target in commit.files():
+        if target in state.published:
+            _move_aside(fs, root, target)
+            state.published.discard(target)
+        elif staged in state.staged:
+            _move_aside(fs, root, f"{STAGING}/{staged}")
+            state.staged.discard(staged)
+    _move_aside(fs, root, f"{COMMITS}/{commit.part}.json")
+    if commit in state.commits:
+        state.commits.remove(commit)
+    log.warning("part %s moved to %s/: %s; its %d rows are embedded again", commit.part, QUARANTINE, why, commit.rows)
+
+
+def _move_aside(fs: fsspec.AbstractFileSystem, root: str, relative: str) -> None:
+    _move_if_there(fs, join(root, relative), join(root, QUARANTINE, relative))
+
+
+# A writer's own publishing may race with a recovery that runs beside it (only the lease holder's
+# recovery should, but a file that is already where it goes is no error).
+def _move_if_there(fs: fsspec.AbstractFileSystem, source: str, target: str) -> bool:
+    try:
+        move(fs, source, target)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _remove_if_there(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
