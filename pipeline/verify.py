@@ -170,8 +170,6 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, report:
 
 def _check_files(state: OutputState, report: VerifyReport) -> None:
     """Every file where the protocol puts it: published if committed, nothing published without a record."""
-    committed_files = {target for c in state.commits for _, target in c.files()}
-    committed_staged = {staged for c in state.commits for staged, _ in c.files()}
     unpublished = [c for c in state.commits if state.unpublished(c)]
     waiting = [c.part for c in unpublished if all(s in state.staged for s, _ in state.unpublished(c))]
     if waiting:
@@ -187,12 +185,12 @@ def _check_files(state: OutputState, report: VerifyReport) -> None:
             f"{len(state.fenced)} parts were committed by a run after it had lost the writer lease: "
             f"{_first([c.part for c in state.fenced])}; they do not count: repair (or the next run) quarantines them"
         )
-    orphans = sorted(state.published - committed_files)
+    orphans = state.orphans()
     if orphans:
         report.problems.append(
             f"{len(orphans)} files without a commit record: {_first(orphans)}; repair moves them to {QUARANTINE}/"
         )
-    uncommitted = sorted(state.staged - committed_staged) + state.leftovers
+    uncommitted = state.uncommitted() + state.leftovers
     if uncommitted:
         report.problems.append(
             f"{len(uncommitted)} uncommitted leftovers from an interrupted run (a re-run removes them)"

@@ -171,6 +171,16 @@ class OutputState:
     def unpublished(self, commit: CommitRecord) -> list[tuple[str, str]]:
         return [(staged, target) for staged, target in commit.files() if target not in self.published]
 
+    def orphans(self) -> list[str]:
+        """Published files that no commit record names, sorted."""
+        named = {target for commit in self.commits for _, target in commit.files()}
+        return sorted(self.published - named)
+
+    def uncommitted(self) -> list[str]:
+        """Staged files that no commit record names, sorted."""
+        named = {staged for commit in self.commits for staged, _ in commit.files()}
+        return sorted(self.staged - named)
+
 
 def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
     """The output's state, in a handful of listings.

@@ -44,46 +44,46 @@ class RepairReport:
 def recover(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
     """Finish what a crashed run left; set aside what no commit record may stand for."""
     state = read_state(fs, root)
+    _recover(fs, root, state)
+    return state
+
+
+def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> list[str]:
+    """recover() on a state already read, brought up to date as it goes; what it set aside, a line each."""
+    set_aside = [f"quarantined part {c.part}: committed after its run lost the lease" for c in state.fenced]
     for commit in state.fenced:
         _quarantine_commit(fs, root, state, commit, "it was committed after its run had lost the writer lease")
     state.fenced = []
-    committed_files = set()
+    uncommitted = state.uncommitted()
     for commit in state.commits:
-        committed_files |= {staged for staged, _ in commit.files()}
         for staged, target in state.unpublished(commit):
             if staged in state.staged:
                 if _move_if_there(fs, join(root, STAGING, staged), join(root, target)):
                     log.info("published %s, committed by an interrupted run", target)
                 state.published.add(target)
                 state.staged.discard(staged)
-    uncommitted = sorted(state.staged - committed_files)
     for path in [join(root, STAGING, name) for name in uncommitted] + state.leftovers:
         _remove_if_there(fs, path)
     if uncommitted or state.leftovers:
         log.info("removed %d uncommitted files left by an interrupted run", len(uncommitted) + len(state.leftovers))
     state.staged, state.leftovers = set(), []
-    named = {target for c in state.commits for _, target in c.files()}
-    for target in sorted(state.published - named):
+    for target in state.orphans():
         part = target.rsplit("/", 1)[-1].removesuffix(".parquet")
         if exists_now(fs, join(root, COMMITS, f"{part}.json")):  # committed since the listing: not an orphan
             continue
         _move_aside(fs, root, target)
         state.published.discard(target)
+        set_aside.append(f"quarantined {target}: no commit record names it")
         log.warning(
             "%s has no commit record: moved to %s/ (its rows are embedded again if missing)", target, QUARANTINE
         )
-    return state
+    return set_aside
 
 
 def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool) -> RepairReport:
     """recover(), then withdraw every commit whose part is missing, unreadable or holds other rows."""
-    report = RepairReport()
-    before = read_state(fs, root)
-    named = {target for c in before.commits for _, target in c.files()}
-    orphans = sorted(before.published - named)
-    state = recover(fs, root)
-    report.actions += [f"quarantined {target}: no commit record names it" for target in orphans]
-    report.actions += [f"quarantined part {c.part}: committed after its run lost the lease" for c in before.fenced]
+    state = read_state(fs, root)
+    report = RepairReport(actions=_recover(fs, root, state), state=state)
     for commit in list(state.commits):
         missing = [target for _, target in commit.files() if target not in state.published]
         if missing:
@@ -97,7 +97,6 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool) -> RepairR
         if reason:
             _quarantine_commit(fs, root, state, commit, reason)
             report.actions.append(f"withdrew part {commit.part} ({commit.rows:,} rows are embedded again): {reason}")
-    report.state = state
     return report
 
 
