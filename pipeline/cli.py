@@ -165,10 +165,8 @@ def _inspect(args: argparse.Namespace) -> int:
         repaired = repair_output(args.output, storage, wait_s=args.wait_for_lease)
         for action in repaired.actions:
             print(f"repaired {action}")
-        print(
-            f"repair: {len(repaired.actions)} changes"
-            + ("; re-run the job to embed what was withdrawn" * bool(repaired.actions))
-        )
+        then = "; re-run the job to embed what was withdrawn" if repaired.actions else ""
+        print(f"repair: {len(repaired.actions)} changes{then}")
         if args.command == "repair":
             return EXIT_OK
     report = verify_output(args.output, storage, check_inputs=not args.skip_inputs)

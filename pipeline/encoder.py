@@ -102,8 +102,9 @@ class Encoder:
             max_length=max_length,
             device=torch_device.type,
             dtype=dtype,
-            digest=False,  # the loader below reads the weights once, and hashes the same bytes
+            digest=False,  # the loader below hashes the weights as it reads them (a digest remembered per file)
         )
+        facts.refuse_native_options(attention, compile)
         if facts.compute_dtype not in DTYPES:
             raise SettingsError(f"dtype {facts.compute_dtype!r} is not one of {', '.join(DTYPES)}")
         torch_dtype = DTYPES[facts.compute_dtype]
@@ -118,10 +119,6 @@ class Encoder:
         else:
             from pipeline.model.transformers_encoder import load_transformers_encoder
 
-            if attention != "auto":
-                raise SettingsError(f"--attention {attention} applies to NeoBERT; other models use transformers' own")
-            if compile:
-                raise SettingsError("--compile applies to NeoBERT; other models run transformers' own modules")
             model = load_transformers_encoder(facts.folder, torch_device, torch_dtype)
             digest = weights_sha256(facts.folder)
             chosen = (f"transformers-{model.attention_implementation}", None)

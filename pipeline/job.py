@@ -22,7 +22,7 @@ from pipeline.config import JobConfig
 from pipeline.duplicate_ids import rows_to_reject
 from pipeline.io.lease import writer_lease
 from pipeline.io.manifest import dead_letter_example
-from pipeline.io.ranges import Range
+from pipeline.io.ranges import Range, count_rows
 from pipeline.io.recovery import recover
 from pipeline.io.run_record import append_run, embedding_settings, open_run_record, remove_output
 from pipeline.io.shards import Shard, discover_shards
@@ -83,7 +83,8 @@ def run_embedding_job(
     with writer_lease(config, out_fs, out_root) as lease_token:
         if overwrite:
             remove_output(out_fs, out_root)
-        settings = embedding_settings(config, facts, tokenizer.to_json())
+        tokenizer_json = tokenizer.to_json()
+        settings = embedding_settings(config, facts, tokenizer_json)
         record, state = open_run_record(out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root))
         committed = state.committed_ranges()
         todo = [s for s in shards if not state.shard_complete(s.url, committed)]
@@ -103,7 +104,7 @@ def run_embedding_job(
             plan = _Plan(
                 config,
                 facts,
-                tokenizer.to_json(),
+                tokenizer_json,
                 shards,
                 todo,
                 committed,
@@ -132,7 +133,7 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounters).remote(
             total_shards=len(todo),
             total_bytes=sum(s.size_bytes for s in todo),
-            rows_done_before=sum(sum(b - a for a, b in plan.committed.get(s.url, [])) for s in todo),
+            rows_done_before=sum(count_rows(plan.committed.get(s.url, [])) for s in todo),
             rows_per_byte_guess=plan.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started

@@ -58,10 +58,7 @@ def inspect_model(config: JobConfig) -> tuple[CheckpointFacts, TextTokenizer]:
         dtype=config.dtype,
         fetch_weights=False,
     )
-    if not facts.is_neobert and config.attention != "auto":
-        raise SettingsError(f"--attention {config.attention} applies to NeoBERT; {config.model} runs on transformers")
-    if not facts.is_neobert and config.compile:
-        raise SettingsError(f"--compile applies to NeoBERT; {config.model} runs on transformers' own modules")
+    facts.refuse_native_options(config.attention, config.compile)
     if config.long_documents != "truncate":
         try:
             check_chunk_overlap(config.chunk_overlap, facts.max_length)

@@ -175,11 +175,11 @@ def _download(fs, remote: str, target: Path) -> None:
         tmp.replace(target)  # a crash mid-download never leaves a half file under the real name
 
 
-def sha256_of_file(path: Path, cache_dir: str | None = None) -> str:
+def sha256_of_file(path: Path) -> str:
     """SHA-256 of a file, remembered by path, size and modification time so a file is hashed once."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    remembered = cache_root(cache_dir) / "digests" / key
+    remembered = cache_root() / "digests" / key
     if remembered.is_file():
         return remembered.read_text().strip()
     digest = hashlib.sha256()

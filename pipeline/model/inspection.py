@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import SettingsError
 from pipeline.model.checkpoint import (
     NEOBERT,
     hidden_size,
@@ -48,6 +49,13 @@ class CheckpointFacts:
     @property
     def is_neobert(self) -> bool:
         return self.family == NEOBERT
+
+    def refuse_native_options(self, attention: str, compile: bool) -> None:
+        """An attention backend or torch.compile asked of a model that transformers runs is refused."""
+        if not self.is_neobert and attention != "auto":
+            raise SettingsError(f"--attention {attention} applies to NeoBERT; {self.source} runs on transformers")
+        if not self.is_neobert and compile:
+            raise SettingsError(f"--compile applies to NeoBERT; {self.source} runs on transformers' own modules")
 
 
 def inspect_checkpoint(
