@@ -47,7 +47,8 @@ def _error_lines(summary: JobSummary) -> list[str]:
     if not summary.error_counts:
         return ["dead letters   none"]
     by_reason = ", ".join(f"{reason} {n:,}" for reason, n in summary.error_counts.items())
-    lines = [f"dead letters   {summary.dead_letters:,} rows ({summary.error_rate:.2%}) in errors/: {by_reason}"]
+    share = summary.dead_letters / summary.rows_committed if summary.rows_committed else 0.0
+    lines = [f"dead letters   {summary.dead_letters:,} rows ({share:.2%}) in errors/: {by_reason}"]
     if summary.failed_files:
         lines.append(
             f"failed files   {len(summary.failed_files)} could not be read to their end (first: "

@@ -240,6 +240,10 @@ def test_duplicate_ids_are_kept_flagged_or_rejected(ray_local, tmp_path, tiny_ch
         assert embedded.num_rows == 5 and summary.error_counts == {}
         return
     assert summary.error_counts == {"duplicate_id": 2}
+    from pipeline.terminal import summary_lines
+
+    # The printed share counts every dead letter; only the ceiling leaves out rows rejected on purpose.
+    assert any(line.startswith("dead letters   2 rows (40.00%)") for line in summary_lines(summary))
     kept = embedded.to_pylist()
     assert sorted(r["id"] for r in kept) == ["same", "x1", "x2"]
     assert [r["row"] for r in kept if r["id"] == "same"] == [1] and all(
