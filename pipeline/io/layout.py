@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from datetime import datetime
 
@@ -66,8 +67,6 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
     hard-linked into place, which fails if the name exists.
     """
     if is_local(fs):
-        import os
-
         tmp = _hidden_temporary(fs, path)
         fs.pipe_file(tmp, data)
         try:
