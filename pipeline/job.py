@@ -85,7 +85,9 @@ def run_embedding_job(
             remove_output(out_fs, out_root)
         tokenizer_json = tokenizer.to_json()
         settings = embedding_settings(config, facts, tokenizer_json)
-        record, state = open_run_record(out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root))
+        record, state = open_run_record(
+            out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root, lease_token)
+        )
         committed = state.committed_ranges()
         todo = [s for s in shards if not state.shard_complete(s.url, committed)]
         summary_of = partial(
@@ -113,7 +115,7 @@ def run_embedding_job(
                 lease_token,
             )
             counters, progress_offset_s = _run_graph(plan, on_progress, started)
-            state = recover(out_fs, out_root)
+            state = recover(out_fs, out_root, lease_token)
         else:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
         summary = summary_of(state=state, counters=counters, progress_offset_s=progress_offset_s)
@@ -127,7 +129,7 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
     started_ray, progress = connect_ray(config), None
     try:
         check_actors_fit(config, local=started_ray)
-        rejected = rows_to_reject(config, plan.shards, todo, *filesystem_for(config.output, config.storage))
+        repeats = rows_to_reject(config, plan.shards)
         # On the driver's node: losing a worker node must not take the job's counters with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounters).remote(
@@ -137,7 +139,7 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
             rows_per_byte_guess=plan.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started
-        rows = _embed(_read_and_pack(plan, rejected, progress), plan, progress)
+        rows = _embed(_read_and_pack(plan, repeats, progress), plan, progress)
         sink = CommittedParquetSink(
             config.output, config.storage, plan.generation, _rows_per_part(plan), plan.lease_token
         )
@@ -151,7 +153,7 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
     return counters, progress_offset_s
 
 
-def _read_and_pack(plan: _Plan, rejected, progress):
+def _read_and_pack(plan: _Plan, repeats, progress):
     """The read stage (a task per shard) and the pack stage (CPU tasks) of the graph."""
     config, facts = plan.config, plan.facts
     outcomes = ShardOutcomes(config.output, config.storage, progress)
@@ -162,10 +164,9 @@ def _read_and_pack(plan: _Plan, rejected, progress):
             config.id_field,
             config.storage,
             skip={s.url: plan.committed[s.url] for s in plan.todo if s.url in plan.committed},
-            rejected=rejected,
+            repeats=repeats,
             strict=config.strict,
-            on_shard_read=outcomes.read_to_end,
-            on_file_error=outcomes.failed,
+            outcomes=outcomes,
         )
     )
     device = device_type(config.actor_device)

@@ -7,7 +7,7 @@ import time
 from pipeline.config import StorageConfig
 from pipeline.io.lease import read_lease
 from pipeline.io.manifest import read_state
-from pipeline.io.run_record import read_run_record
+from pipeline.io.run_record import read_run_record, recorded_inputs, recorded_urls
 from pipeline.io.storage import filesystem_for
 
 
@@ -18,7 +18,7 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     if record is None:
         return {"output": output_url, "started": False}
     state = read_state(fs, root)
-    inputs = [i for g in record["generations"] for i in g["inputs"]]
+    urls = recorded_urls(recorded_inputs(fs, root, record))
     committed = state.committed_ranges()
     failed = state.failed_part_way()
     last_run = record["runs"][-1] if record.get("runs") else None
@@ -44,8 +44,8 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "rows_dead_lettered": state.committed_rows - state.embedded_rows,
         "rows_in_shards_read": sum(d.rows for d in state.shards_done.values()) + sum(f.rows_read for f in failed),
         "dead_letters_by_reason": state.error_counts(),
-        "shards": len(inputs),
-        "shards_complete": sum(state.shard_complete(i["url"], committed) for i in inputs),
+        "shards": len(urls),
+        "shards_complete": sum(state.shard_complete(url, committed) for url in urls),
         "shards_read": len(state.shards_done),
         "shards_failed_part_way": len(failed),
         "generations": len(record["generations"]),

@@ -10,10 +10,11 @@ import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import StorageConfig, load_config
 from pipeline.errors import EXIT_OK, ModelError, NoInputError, OutputConflictError, SettingsError
 from pipeline.io.layout import PARTS, RUN_RECORD
-from pipeline.io.run_record import SettingsMismatchError
+from pipeline.io.run_record import SettingsMismatchError, recorded_inputs, recorded_urls
+from pipeline.io.storage import filesystem_for
 from pipeline.job import run_embedding_job
 
 
@@ -65,9 +66,11 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
     record = json.loads(s3.cat(f"{s3.bucket}/out/{RUN_RECORD}"))
     assert record["settings"]["model_weights_sha256"] == tiny_encoder.facts.weights_sha256
     assert record["settings"]["pooling"] == "cls" and record["settings"]["compute_dtype"] == "float32"
-    inputs = record["generations"][0]["inputs"]
-    assert [i["url"] for i in inputs] == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
-    assert all(i["fingerprint"].startswith("size=") and "etag=" in i["fingerprint"] for i in inputs)
+    assert record["manifest_version"] == 2 and record["generations"][0]["shards"] == len(shards)
+    fs, root = filesystem_for(f"s3://{s3.bucket}/out", StorageConfig(endpoint_url=s3_endpoint))
+    inputs = recorded_inputs(fs, root, record)
+    assert recorded_urls(inputs) == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
+    assert all(p.startswith("size=") and "etag=" in p for p in inputs.column("fingerprint").to_pylist())
 
 
 def test_parquet_input_without_ids_gets_stable_ids_and_loads_with_datasets(

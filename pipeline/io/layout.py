@@ -6,10 +6,16 @@ _staging/<part>.parquet    a part written but maybe not committed yet
 _commits/<part>.json       commit record: the part's rows as (shard, row ranges); THE commit point
 parts/<part>.parquet       committed embeddings, published after its commit record
 errors/<part>.parquet      the same part's dead letters: rows that could not be embedded, and why
-_shards/<key>.json         a shard read to its end: its URL, fingerprint and row count
-_failed/<key>.json         a shard that failed part way (corrupt, denied, vanished): rows read, reason
+_reads/<id>.json           one read task's shards: read to their end (URL, fingerprint, rows), or
+                           failed part way (corrupt, denied, vanished: rows read, reason)
+_checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py)
+_inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
-duplicates.parquet         with duplicate_ids flag/reject: every repeat of an id and where its first is
+duplicates/                with duplicate_ids flag/reject: every repeat of an id and where its first is,
+                           as Parquet files, and _done.json naming the input they were found in
+
+Outputs of manifest version 1 kept one _shards/<key>.json per shard read and _failed/<key>.json per shard
+failed: they are still read, and the first compaction folds them into a checkpoint.
 """
 
 from __future__ import annotations
@@ -32,10 +38,13 @@ STAGING = "_staging"
 COMMITS = "_commits"
 PARTS = "parts"
 ERRORS = "errors"
-SHARDS = "_shards"
-FAILED = "_failed"
+READS = "_reads"
+CHECKPOINTS = "_checkpoint"
+INPUTS = "_inputs"
+SHARDS = "_shards"  # manifest version 1
+FAILED = "_failed"  # manifest version 1
 QUARANTINE = "_quarantine"
-DUPLICATES = "duplicates.parquet"
+DUPLICATES = "duplicates"
 
 
 def join(root: str, *names: str) -> str:
@@ -102,10 +111,6 @@ def part_name(shard_rows: dict[str, list[Range]]) -> str:
     return f"part-{digest[:32]}"
 
 
-def shard_key(url: str) -> str:
-    return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
 def listing(fs: fsspec.AbstractFileSystem, folder: str, suffix: str = "") -> dict[str, float]:
     """The files in folder ending in suffix, with the store's own modification time of each (seconds).
 
@@ -142,12 +147,38 @@ def modified_s(info: dict) -> float:
     return float(value or 0.0)
 
 
-def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[tuple[str, bytes]]:
-    """(path, contents) of small files, fetched in one call (concurrently on object stores)."""
+def cat_many(fs: fsspec.AbstractFileSystem, paths: list[str], *, missing_ok: bool = False) -> list[tuple[str, bytes]]:
+    """(path, contents) of small files, fetched in one call (concurrently on object stores); with
+    missing_ok, files gone since they were listed are left out."""
     if not paths:
         return []
-    contents = fs.cat(sorted(paths), on_error="raise")
-    return [(p, contents[p]) for p in sorted(paths)]
+    contents = fs.cat(sorted(paths), on_error="omit" if missing_ok else "raise")
+    return [(p, contents[p]) for p in sorted(paths) if p in contents]
+
+
+def remove_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Delete files, in batches on object stores; one already gone is no error."""
+    if not paths:
+        return
+    if not is_local(fs):
+        fs.rm(list(paths))
+        return
+    for path in paths:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+
+def url_column(urls: list[str]) -> pa.Array:
+    """URLs as a binary column: a file name that is not UTF-8 (kept in a str by surrogateescape, as
+    Python lists it) survives the round trip, which an Arrow string cannot hold."""
+    return pa.array([None if u is None else u.encode("utf-8", "surrogateescape") for u in urls], pa.binary())
+
+
+def urls_of(column) -> list[str]:
+    """url_column, back to the URLs."""
+    return [None if b is None else b.decode("utf-8", "surrogateescape") for b in column.to_pylist()]
 
 
 def name_of(path: str) -> str:

@@ -1,6 +1,9 @@
 """The output's commit protocol: what is committed is exactly what the commit records say.
 
 A part is written to _staging (atomically), then its commit record, then it is moved to parts/.
+Read tasks record the shards they read to their end (or that failed part way), one record per task.
+From time to time the lease holder compacts these small records into one checkpoint (compaction.py),
+so reading the state costs a few requests however many shards the input has.
 A crash before the commit record leaves an uncommitted part that the next run deletes; a crash
 after it leaves a committed part that the next run publishes (recovery.py). Part names are a hash
 of the rows they hold, so a retried write of the same rows replaces itself instead of duplicating.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -24,6 +28,7 @@ from pipeline.io.layout import (
     ERRORS,
     FAILED,
     PARTS,
+    READS,
     SHARDS,
     STAGING,
     atomic_write,
@@ -31,7 +36,6 @@ from pipeline.io.layout import (
     join,
     listing,
     name_of,
-    shard_key,
 )
 from pipeline.io.lease import fences
 from pipeline.io.ranges import Range, merge_ranges
@@ -130,6 +134,10 @@ class OutputState:
     staged: set[str] = field(default_factory=set)
     """Names of the files under _staging/."""
     leftovers: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+    """Paths of the commit and read records read from their own files (not from a checkpoint)."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
 
     def committed_ranges(self) -> dict[str, list[Range]]:
         by_shard: dict[str, list[Range]] = {}
@@ -160,7 +168,7 @@ class OutputState:
         for commit in self.commits:
             for reason, n in commit.error_counts.items():
                 counts[reason] = counts.get(reason, 0) + n
-        for failure in self.file_failures.values():
+        for failure in self.failed_part_way():
             counts[f"file:{failure.reason}"] = counts.get(f"file:{failure.reason}", 0) + 1
         return dict(sorted(counts.items()))
 
@@ -183,12 +191,15 @@ class OutputState:
 
 
 def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
-    """The output's state, in a handful of listings.
+    """The output's state, in a handful of listings and requests.
 
     Staging is listed before the commit records, and they before the published files: a part
     staged, committed and published while this reads is then named by a record this read sees, so
-    recovery never takes a committed part for an uncommitted one.
+    recovery never takes a committed part for an uncommitted one. Records are read before the
+    checkpoint: a record that a compaction deletes meanwhile is in the checkpoint listed after it.
     """
+    from pipeline.io.compaction import read_checkpoint  # compaction builds on this module
+
     state = OutputState()
     for path in listing(fs, join(root, STAGING)):
         if path.endswith(".parquet"):
@@ -197,20 +208,30 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
             state.leftovers.append(path)
     takeovers = fences(fs, root)
     commit_files = listing(fs, join(root, COMMITS), ".json")
-    for path, raw in cat_many(fs, list(commit_files)):
+    for path, raw in cat_many(fs, list(commit_files), missing_ok=True):
         commit = CommitRecord.from_json(raw)
         # A lower token's commit made once a later token had taken the lease over: a lost writer's.
         lost = any(commit.lease_token < token and commit_files[path] >= taken for token, taken in takeovers)
         (state.fenced if lost else state.commits).append(commit)
-    for _, raw in cat_many(fs, list(listing(fs, join(root, SHARDS), ".json"))):
-        data = json.loads(raw)
-        state.shards_done[data["url"]] = ShardDone(data["url"], data["fingerprint"], data["rows"])
-    for _, raw in cat_many(fs, list(listing(fs, join(root, FAILED), ".json"))):
-        failure = FileFailure(**json.loads(raw))
-        state.file_failures[failure.url] = failure
+        state.records.append(path)
+    reads = [p for folder in (READS, SHARDS, FAILED) for p in listing(fs, join(root, folder), ".json")]
+    for path, raw in cat_many(fs, reads, missing_ok=True):
+        add_read_record(state, json.loads(raw))
+        state.records.append(path)
+    read_checkpoint(fs, root, state)
     for folder in (PARTS, ERRORS):
         state.published |= {f"{folder}/{name_of(p)}" for p in listing(fs, join(root, folder), ".parquet")}
     return state
+
+
+def add_read_record(state: OutputState, data: dict) -> None:
+    """Add what a read record says; a shard read to its end anywhere is no failure any more."""
+    if "done" not in data and "failed" not in data:  # manifest version 1: one file per shard
+        data = {"failed": [data]} if "reason" in data else {"done": [data]}
+    for done in data.get("done", []):
+        state.shards_done[done["url"]] = ShardDone(done["url"], done["fingerprint"], done["rows"])
+    for failed in data.get("failed", []):
+        state.file_failures[failed["url"]] = FileFailure(**failed)
 
 
 def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> str | None:
@@ -225,14 +246,9 @@ def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputS
     return f"{reason}: {row['message']} ({row['shard']} row {row['row']})"
 
 
-def write_shard_done(fs: fsspec.AbstractFileSystem, root: str, done: ShardDone) -> None:
-    record = {"url": done.url, "fingerprint": done.fingerprint, "rows": done.rows}
-    atomic_write(fs, join(root, SHARDS, f"{shard_key(done.url)}.json"), json.dumps(record).encode())
-    failed = join(root, FAILED, f"{shard_key(done.url)}.json")
-    if fs.exists(failed):  # an earlier run's failure, now read to its end
-        fs.rm(failed)
-
-
-def write_file_failure(fs: fsspec.AbstractFileSystem, root: str, failure: FileFailure) -> None:
-    data = json.dumps(dataclasses.asdict(failure)).encode()
-    atomic_write(fs, join(root, FAILED, f"{shard_key(failure.url)}.json"), data)
+def write_read_record(
+    fs: fsspec.AbstractFileSystem, root: str, done: list[ShardDone], failed: list[FileFailure]
+) -> None:
+    """One read task's outcomes, under a name of its own (a retried task adds the same facts again)."""
+    record = {"done": [dataclasses.asdict(d) for d in done], "failed": [dataclasses.asdict(f) for f in failed]}
+    atomic_write(fs, join(root, READS, f"{uuid.uuid4().hex}.json"), json.dumps(record).encode())

@@ -8,6 +8,7 @@ recover() runs at the start and the end of every run, by the holder of the write
     files, so those rows are embedded again by the lease holder, once;
   - files under parts/ or errors/ that no commit record names (an interrupted --overwrite, a copy, a
     deleted record) go to quarantine.
+The lease holder also compacts the commit and read records into a checkpoint (compaction.py).
 repair() also checks that every committed part is there, readable, and holds exactly the rows its
 record names; a part that does not is quarantined with its record, so a re-run embeds its rows again.
 """
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io.compaction import COMPACT_AFTER_RECORDS, compact
 from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, exists_now, join, move
 from pipeline.io.manifest import CommitRecord, OutputState, read_state
 from pipeline.io.ranges import rows_to_ranges
@@ -41,10 +43,13 @@ class RepairReport:
     state: OutputState = field(default_factory=OutputState)
 
 
-def recover(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
-    """Finish what a crashed run left; set aside what no commit record may stand for."""
+def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0) -> OutputState:
+    """Finish what a crashed run left; set aside what no commit record may stand for. The holder of
+    the writer lease (lease_token) also compacts the records once there are many."""
     state = read_state(fs, root)
     _recover(fs, root, state)
+    if lease_token and len(state.records) >= COMPACT_AFTER_RECORDS:
+        compact(fs, root, state, lease_token)
     return state
 
 
@@ -80,8 +85,12 @@ def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> li
     return set_aside
 
 
-def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool) -> RepairReport:
-    """recover(), then withdraw every commit whose part is missing, unreadable or holds other rows."""
+def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool, lease_token: int = 0) -> RepairReport:
+    """recover(), then withdraw every commit whose part is missing, unreadable or holds other rows.
+
+    A withdrawn commit may live in the checkpoint: the lease holder (lease_token) writes a new one
+    without it, the last step, so a crash before it leaves the commit there for the next repair.
+    """
     state = read_state(fs, root)
     report = RepairReport(actions=_recover(fs, root, state), state=state)
     for commit in list(state.commits):
@@ -97,6 +106,8 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool) -> RepairR
         if reason:
             _quarantine_commit(fs, root, state, commit, reason)
             report.actions.append(f"withdrew part {commit.part} ({commit.rows:,} rows are embedded again): {reason}")
+    if lease_token and (report.actions or len(state.records) >= COMPACT_AFTER_RECORDS):
+        compact(fs, root, state, lease_token)
     return report
 
 

@@ -1,7 +1,8 @@
 """What the stages report from Ray workers while a job runs.
 
-Shards read to their end or failed part way are recorded in the output; embedded packs are counted
-by the job's progress actor. Light to import: the read tasks that call these load no model code.
+Shards read to their end or failed part way are recorded in the output, in one record per read task
+(not per shard: a million small shards must not cost a million small objects); embedded packs are
+counted by the job's progress actor. Light to import: the read tasks that call these load no model code.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import logging
 import ray
 
 from pipeline.config import StorageConfig
-from pipeline.io.layout import FAILED
-from pipeline.io.manifest import FileFailure, ShardDone, write_file_failure, write_shard_done
+from pipeline.io.manifest import FileFailure, ShardDone, write_read_record
 from pipeline.io.readers import FileProblem
 from pipeline.io.shards import Shard
 from pipeline.io.storage import filesystem_for
@@ -21,25 +21,42 @@ log = logging.getLogger(__name__)
 
 
 class ShardOutcomes:
-    """Called by read tasks when a shard ends: read to its end, or failed part way. Recorded in the output."""
+    """Where read tasks record how their shards ended; each task takes its own recorder()."""
 
     def __init__(self, output_url: str, storage: StorageConfig, progress) -> None:
         self.output_url = output_url
         self.storage = storage
         self.progress = progress
 
+    def recorder(self) -> TaskOutcomes:
+        return TaskOutcomes(self)
+
+
+class TaskOutcomes:
+    """One read task's shard outcomes, written to the output as one record when the task ends.
+
+    A task that dies first records nothing: its shards are read again by the next run, which skips
+    their committed rows, so nothing is lost and nothing is embedded twice.
+    """
+
+    def __init__(self, outcomes: ShardOutcomes) -> None:
+        self.outcomes = outcomes
+        self.done: list[ShardDone] = []
+        self.failures: list[FileFailure] = []
+
     def read_to_end(self, shard: Shard, rows: int) -> None:
-        fs, root = filesystem_for(self.output_url, self.storage)
-        write_shard_done(fs, root, ShardDone(shard.url, shard.fingerprint, rows))
-        self.progress.shard_read.remote(shard.size_bytes, rows)
+        self.done.append(ShardDone(shard.url, shard.fingerprint, rows))
+        self.outcomes.progress.shard_read.remote(shard.size_bytes, rows)
 
     def failed(self, shard: Shard, rows_read: int, problem: FileProblem) -> None:
-        log.warning("%s: %s after %d rows (%s); recorded in %s/", shard.url, problem.message, rows_read, FAILED, FAILED)
-        fs, root = filesystem_for(self.output_url, self.storage)
-        write_file_failure(
-            fs, root, FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message)
-        )
-        self.progress.shard_read.remote(shard.size_bytes, rows_read)
+        log.warning("%s: %s after %d rows (%s)", shard.url, problem.message, rows_read, problem.reason)
+        self.failures.append(FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message))
+        self.outcomes.progress.shard_read.remote(shard.size_bytes, rows_read)
+
+    def close(self) -> None:
+        if self.done or self.failures:
+            fs, root = filesystem_for(self.outcomes.output_url, self.outcomes.storage)
+            write_read_record(fs, root, self.done, self.failures)
 
 
 class BatchReporter:
