@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
 
@@ -33,6 +34,21 @@ def connect_ray(config: JobConfig) -> bool:
     )
     ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+@contextlib.contextmanager
+def ray_for_checks(address: str | None = None) -> Iterator[None]:
+    """Ray for a check over a whole output (verify): the caller's if it has one, the cluster's
+    (address, else RAY_ADDRESS as `ray job submit` sets it), or a local one started and stopped here."""
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def check_actors_fit(config: JobConfig, local: bool) -> None:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from collections import Counter
+import random
 from dataclasses import dataclass, field
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
-from pipeline.io.layout import ERRORS, FAILED, PARTS, QUARANTINE, RUN_RECORD, join
+from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD
 from pipeline.io.lease import acquire_lease, lease_supported
 from pipeline.io.manifest import OutputState, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
-from pipeline.io.recovery import RepairReport, UnreadablePartError, load_part, part_mismatch, repair
-from pipeline.io.run_record import read_run_record
+from pipeline.io.recovery import RepairReport, repair
+from pipeline.io.run_record import read_run_record, recorded_inputs, recorded_urls
 from pipeline.io.schemas import ERRORS_SCHEMA, output_schema
-from pipeline.io.shards import fingerprint
+from pipeline.io.shards import discover_shards
 from pipeline.io.storage import filesystem_for
+from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, schema_shape
+from pipeline.ray_session import ray_for_checks
 from pipeline.summary import bad_row_rate
 
 MAX_LISTED = 5
@@ -37,15 +35,19 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_output(output_url: str, storage: StorageConfig | None = None, *, check_inputs: bool = True) -> VerifyReport:
+def verify_output(
+    output_url: str, storage: StorageConfig | None = None, *, check_inputs: bool = True, sample: int | None = None
+) -> VerifyReport:
     """Every input row exactly once in committed parts; no orphans; the schema the run record names.
 
-    Never raises for what it finds: an unreadable part or an unreachable store is a problem in the report.
+    The parts are read on the Ray cluster (the caller's Ray, RAY_ADDRESS, or a local one), or, with
+    sample, only that many random parts, here. Never raises for what it finds: an unreadable part or
+    an unreachable store is a problem in the report.
     """
     storage = storage or StorageConfig()
     report = VerifyReport()
     try:
-        _verify(output_url, storage, check_inputs, report)
+        _verify(output_url, storage, check_inputs, sample, report)
     except Exception as err:
         found = as_pipeline_error(err)
         if found is None:
@@ -64,71 +66,32 @@ def repair_output(output_url: str, storage: StorageConfig | None = None, *, wait
     chunks = record["settings"].get("long_documents") == "chunk"
     if not lease_supported(fs):
         return repair(fs, root, chunks=chunks)
-    with acquire_lease(fs, root, wait_s=wait_s):
-        return repair(fs, root, chunks=chunks)
+    with acquire_lease(fs, root, wait_s=wait_s) as lease:
+        return repair(fs, root, chunks=chunks, lease_token=lease.token)
 
 
-def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, report: VerifyReport) -> None:
+def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample: int | None, report) -> None:
     fs, root = filesystem_for(output_url, storage)
-    if not fs.exists(join(root, RUN_RECORD)):
+    record = read_run_record(fs, root)
+    if record is None:
         report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
         return
-    record = json.loads(fs.cat_file(join(root, RUN_RECORD)))
     state = read_state(fs, root)
     _check_files(state, report)
-
-    # Each committed part holds exactly the rows its record names, embedded or dead-lettered, in the
-    # recorded schemas.
-    ids_by_generation: dict[int, Counter] = {}
     settings = record["settings"]
-    chunks = settings.get("long_documents") == "chunk"
-    expected = {
-        PARTS: _schema_shape(output_schema(settings["hidden_size"], settings["output_dtype"], chunks=chunks)),
-        ERRORS: _schema_shape(ERRORS_SCHEMA),
-    }
-    for commit in state.commits:
-        if state.unpublished(commit):
-            continue
-        try:
-            tables, schemas = load_part(fs, root, commit, ["id", "shard", "row", "chunk"])
-        except UnreadablePartError as err:
-            report.problems.append(f"{err}; repair quarantines it and a re-run embeds its rows again")
-            continue
-        for folder, shape in ((folder, _schema_shape(schema)) for folder, schema in schemas.items()):
-            if shape != expected[folder]:
-                report.problems.append(
-                    f"{folder}/{commit.part}.parquet has columns {shape}, expected {expected[folder]}"
-                )
-        mismatch = part_mismatch(commit, tables, chunks=chunks)
-        if mismatch:
-            report.problems.append(f"{mismatch}; repair quarantines it and a re-run embeds its rows again")
-        embedded = tables.get(PARTS)
-        if chunks and embedded is not None:
-            embedded = embedded.filter(pc.equal(embedded.column("chunk"), 0))  # one row per document
-        if embedded is not None:
-            ids_by_generation.setdefault(commit.generation, Counter()).update(embedded.column("id").to_pylist())
-    for generation, ids in sorted(ids_by_generation.items()):
-        repeated = [i for i, n in ids.items() if n > 1]
-        if repeated and settings.get("duplicate_ids") == "reject":
-            report.problems.append(
-                f"generation {generation}: {len(repeated)} ids appear more than once: {_first(repeated)}"
-            )
-        elif repeated:  # the input repeats them and the run was told to keep them
-            report.facts.append(
-                f"generation {generation}: {len(repeated)} ids repeat in the input and were kept "
-                f"(duplicate_ids={settings.get('duplicate_ids', 'keep')}): {_first(repeated)}"
-            )
+    _check_part_contents(output_url, storage, state, settings, sample, report)
 
-    # Inputs: every row of every shard committed exactly once.
+    # Inputs: every row of every shard committed exactly once, from the commit records' row ranges.
     by_shard: dict[str, list] = {}
     for commit in state.commits:
         for url, ranges in commit.ranges.items():
             by_shard.setdefault(url, []).extend(ranges)
-    inputs = [i for g in record["generations"] for i in g["inputs"]]
+    inputs = recorded_inputs(fs, root, record)
+    urls = recorded_urls(inputs)
+    recorded_prints = dict(zip(urls, inputs.column("fingerprint").to_pylist(), strict=True))
     total_rows = 0
     failed: list[str] = []
-    for shard in inputs:
-        url = shard["url"]
+    for url in urls:
         doubled = overlaps(by_shard.get(url, []))
         if doubled:
             report.problems.append(f"{url}: rows {_ranges(doubled)} committed more than once")
@@ -149,23 +112,61 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, report:
         gaps = missing(merge_ranges(by_shard.get(url, [])), done.rows)
         if gaps:
             report.problems.append(f"{url}: {count_rows(gaps)} of {done.rows} rows missing, rows {_ranges(gaps)}")
-        if done.fingerprint != shard["fingerprint"]:
-            report.problems.append(f"{url}: read with fingerprint {done.fingerprint}, recorded {shard['fingerprint']}")
-    unknown = sorted(set(by_shard) - {i["url"] for i in inputs})
+        if done.fingerprint != recorded_prints[url]:
+            report.problems.append(f"{url}: read with fingerprint {done.fingerprint}, recorded {recorded_prints[url]}")
+    unknown = sorted(set(by_shard) - set(recorded_prints))
     if unknown:
         report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
     if check_inputs:
-        _check_fingerprints(inputs, storage, settings.get("fingerprint", "store"), report)
+        roots = sorted({g["input"] for g in record["generations"]})
+        _check_fingerprints(roots, recorded_prints, storage, settings.get("fingerprint", "store"), report)
 
     dead = sum(c.error_rows for c in state.commits)
     _check_dead_letter_rate(record, state, report)
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
-        f"{len(inputs)} input shards with {total_rows:,} rows read; {len(record['generations'])} generations"
+        f"{len(urls)} input shards with {total_rows:,} rows read; {len(record['generations'])} generations"
     )
     if failed:
-        report.facts.append(f"{len(failed)} files failed part way, recorded in {FAILED}/: {_first(failed)}")
+        report.facts.append(f"{len(failed)} files failed part way: {_first(failed)}")
+
+
+def _check_part_contents(output_url, storage, state: OutputState, settings: dict, sample: int | None, report) -> None:
+    """Each published part holds exactly its record's rows in the recorded schema; no id twice in a
+    generation. On the cluster (part_checks.py), or for a random sample of parts here."""
+    chunks = settings.get("long_documents") == "chunk"
+    expected = {
+        PARTS: schema_shape(output_schema(settings["hidden_size"], settings["output_dtype"], chunks=chunks)),
+        ERRORS: schema_shape(ERRORS_SCHEMA),
+    }
+    published = [c for c in state.commits if not state.unpublished(c)]
+    if sample is not None:
+        chosen = random.sample(published, min(sample, len(published)))
+        found = check_parts_here(output_url, storage, chosen, expected, chunks=chunks)
+        report.facts.append(
+            f"sampled {len(chosen)} of {len(published)} parts; ids were not checked for repeats (a full verify does)"
+        )
+    else:
+        with ray_for_checks():
+            found = check_parts(output_url, storage, published, expected, chunks=chunks)
+            if settings.get("id_field"):
+                counts, shown = repeated_ids(output_url, storage, published, chunks=chunks, examples=MAX_LISTED)
+                _report_repeats(counts, shown, settings.get("duplicate_ids", "keep"), report)
+            # Without an id field, ids are shard#row: unique exactly when every row is committed once.
+    report.problems.extend(problem for _, problem in sorted(found))
+
+
+def _report_repeats(counts: dict[int, int], shown: list[tuple[int, str]], policy: str, report) -> None:
+    for generation, n in sorted(counts.items()):
+        examples = _first([i for g, i in shown if g == generation])
+        if policy == "reject":
+            report.problems.append(f"generation {generation}: {n} ids appear more than once: {examples}")
+        else:  # the input repeats them and the run was told to keep them
+            report.facts.append(
+                f"generation {generation}: {n} ids repeat in the input and were kept (duplicate_ids={policy}): "
+                f"{examples}"
+            )
 
 
 def _check_files(state: OutputState, report: VerifyReport) -> None:
@@ -214,32 +215,25 @@ def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
         report.facts.append(f"bad-input dead-letter rate {rate:.2%}, within the {ceiling:.2%} allowed")
 
 
-def _check_fingerprints(inputs: list[dict], storage: StorageConfig, mode: str, report: VerifyReport) -> None:
-    changed = []
-    for shard in inputs:
-        fs, path = filesystem_for(shard["url"], storage)
+def _check_fingerprints(
+    roots: list[str], recorded: dict[str, str], storage: StorageConfig, mode: str, report: VerifyReport
+) -> None:
+    """Each recorded shard's fingerprint now, from one listing of each input root (not a request per shard)."""
+    now: dict[str, str] = {}
+    for root in roots:
+        fs, path = filesystem_for(root, storage)
         try:
-            now = fingerprint(fs, path, fs.info(path), mode)
-        except FileNotFoundError:
-            report.facts.append(f"{shard['url']}: no longer exists (its embeddings stay)")
-            continue
-        if now != shard["fingerprint"]:
-            changed.append(shard["url"])
+            now |= {s.url: s.fingerprint for s in discover_shards(fs, path, fingerprint_mode=mode)}
+        except NoInputError:
+            pass  # every shard under it is gone: reported below
+    gone = [url for url in recorded if url not in now]
+    changed = [url for url in recorded if url in now and now[url] != recorded[url]]
+    if gone:
+        report.facts.append(f"{len(gone)} input shards no longer exist (their embeddings stay): {_first(gone)}")
     if changed:
         report.problems.append(f"{len(changed)} input shards changed since they were embedded: {_first(changed)}")
     else:
         report.facts.append(f"input fingerprints unchanged ({mode})")
-
-
-def _schema_shape(schema: pa.Schema) -> list[tuple]:
-    """Column names and types, ignoring the name of a list's child field (Parquet writers differ)."""
-    shape = []
-    for f in schema:
-        if pa.types.is_fixed_size_list(f.type):
-            shape.append((f.name, f"fixed_size_list<{f.type.value_type}>[{f.type.list_size}]"))
-        else:
-            shape.append((f.name, str(f.type)))
-    return shape
 
 
 def _first(items: list) -> str:

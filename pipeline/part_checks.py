@@ -1,0 +1,135 @@
+"""The checks `verify` makes over every committed part, as Ray Data jobs that read only the columns
+they need: whatever the output's size, the driver holds the parts' commit records and the problems
+found, never a row or an id.
+
+- Each part holds exactly the rows its commit record names, in the schema the run record names
+  (reads shard, row and chunk).
+- No id is embedded twice in a generation (reads id and chunk; Ray Data's hash-partitioned groupby
+  counts each id on the worker that owns it).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.config import StorageConfig
+from pipeline.io.layout import PARTS
+from pipeline.io.manifest import CommitRecord
+from pipeline.io.recovery import UnreadablePartError, load_part, part_mismatch
+from pipeline.io.storage import filesystem_for
+
+PROBLEMS_SCHEMA = pa.schema([("part", pa.string()), ("problem", pa.string())])
+IDS_SCHEMA = pa.schema([("generation", pa.int64()), ("id", pa.string())])
+# Parts per task of the part checks: enough to amortise a task, few enough to spread a small output.
+PARTS_PER_TASK = 8
+
+
+def check_parts(
+    output_url: str, storage: StorageConfig, commits: list[CommitRecord], expected: dict, *, chunks: bool
+) -> list[tuple[str, str]]:
+    """(part, problem) for every part that is unreadable, holds other rows than its record, or has
+    other columns than expected (folder -> schema shape)."""
+    if not commits:
+        return []
+    found = _commits_dataset(commits).map_batches(
+        _check_batch,
+        batch_size=PARTS_PER_TASK,
+        batch_format="pyarrow",
+        fn_kwargs=dict(output_url=output_url, storage=storage, expected=expected, chunks=chunks),
+    )
+    return [(r["part"], r["problem"]) for r in found.take_all()]
+
+
+def check_parts_here(
+    output_url: str, storage: StorageConfig, commits: list[CommitRecord], expected: dict, *, chunks: bool
+) -> list[tuple[str, str]]:
+    """check_parts in this process, for a few parts (verify --sample)."""
+    table = pa.table({"commit": [c.to_json() for c in commits]})
+    found = _check_batch(table, output_url=output_url, storage=storage, expected=expected, chunks=chunks)
+    return list(zip(found.column("part").to_pylist(), found.column("problem").to_pylist(), strict=True))
+
+
+def repeated_ids(
+    output_url: str, storage: StorageConfig, commits: list[CommitRecord], *, chunks: bool, examples: int
+) -> tuple[dict[int, int], list[tuple[int, str]]]:
+    """Ids embedded more than once within a generation: how many per generation, and a few of them."""
+    with_rows = [c for c in commits if c.embedded_rows]
+    if not with_rows:
+        return {}, []
+    ids = _commits_dataset(with_rows).map_batches(
+        _ids_batch,
+        batch_size=PARTS_PER_TASK,
+        batch_format="pyarrow",
+        fn_kwargs=dict(output_url=output_url, storage=storage, chunks=chunks),
+    )
+    counted = ids.groupby(["generation", "id"]).count()
+    repeated = counted.map_batches(_more_than_once, batch_format="pyarrow").materialize()
+    if repeated.count() == 0:
+        return {}, []
+    per_generation = {r["generation"]: r["count()"] for r in repeated.groupby("generation").count().take_all()}
+    shown = [(r["generation"], r["id"]) for r in repeated.take(examples)]
+    return per_generation, shown
+
+
+def _more_than_once(counts: pa.Table) -> pa.Table:
+    return counts.filter(pc.greater(counts.column("count()"), 1))
+
+
+def _commits_dataset(commits: list[CommitRecord]):
+    table = pa.table({"commit": [c.to_json() for c in commits]})
+    blocks = max(1, min(len(commits) // PARTS_PER_TASK, 10_000))
+    return ray.data.from_arrow(table).repartition(blocks)
+
+
+def _check_batch(batch: pa.Table, *, output_url: str, storage: StorageConfig, expected: dict, chunks: bool) -> pa.Table:
+    fs, root = filesystem_for(output_url, storage)
+    parts, problems = [], []
+    for raw in batch.column("commit").to_pylist():
+        commit = CommitRecord.from_json(raw)
+        try:
+            tables, schemas = load_part(fs, root, commit, ["shard", "row", "chunk"])
+        except UnreadablePartError as err:
+            parts.append(commit.part)
+            problems.append(f"{err}; repair quarantines it and a re-run embeds its rows again")
+            continue
+        for folder, schema in schemas.items():
+            shape = schema_shape(schema)
+            if shape != expected[folder]:
+                parts.append(commit.part)
+                problems.append(f"{folder}/{commit.part}.parquet has columns {shape}, expected {expected[folder]}")
+        mismatch = part_mismatch(commit, tables, chunks=chunks)
+        if mismatch:
+            parts.append(commit.part)
+            problems.append(f"{mismatch}; repair quarantines it and a re-run embeds its rows again")
+    return pa.table({"part": parts, "problem": problems}, schema=PROBLEMS_SCHEMA)
+
+
+def _ids_batch(batch: pa.Table, *, output_url: str, storage: StorageConfig, chunks: bool) -> pa.Table:
+    fs, root = filesystem_for(output_url, storage)
+    tables = []
+    for raw in batch.column("commit").to_pylist():
+        commit = CommitRecord.from_json(raw)
+        try:
+            embedded = load_part(fs, root, commit, ["id", "chunk"])[0].get(PARTS)
+        except UnreadablePartError:
+            continue  # the part check reports it
+        if embedded is None:
+            continue
+        if chunks:
+            embedded = embedded.filter(pc.equal(embedded.column("chunk"), 0))  # one row per document
+        ids = embedded.column("id").cast(pa.string())
+        tables.append(pa.table({"generation": pa.array([commit.generation] * len(ids), pa.int64()), "id": ids}))
+    return pa.concat_tables(tables) if tables else IDS_SCHEMA.empty_table()
+
+
+def schema_shape(schema: pa.Schema) -> list[tuple]:
+    """Column names and types, ignoring the name of a list's child field (Parquet writers differ)."""
+    shape = []
+    for f in schema:
+        if pa.types.is_fixed_size_list(f.type):
+            shape.append((f.name, f"fixed_size_list<{f.type.value_type}>[{f.type.list_size}]"))
+        else:
+            shape.append((f.name, str(f.type)))
+    return shape
