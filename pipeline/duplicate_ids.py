@@ -1,28 +1,35 @@
-"""Find ids that occur more than once in the input, before embedding, with Ray Data's groupby.
+"""Find ids that occur more than once in the input, before embedding, with Ray Data's groupby, once
+per input.
 
-The first occurrence of an id is the one earliest in (shard path, row) order, so the answer does
-not depend on which task ran first or on how often the job was resumed.
+The first occurrence of an id is the one earliest in (shard URL, row) order, so the answer does not
+depend on which task ran first or on how often the job was resumed. The repeats are written by the
+workers into OUTPUT/duplicates/ (never collected on the driver), with a _done.json naming the input
+they were found in: a resumed run over the same input reuses them instead of reading it all again.
+Each read task then reads the repeats of its own shards only (RepeatedRows).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import ray
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import JobConfig, StorageConfig
-from pipeline.io.layout import DUPLICATES, atomic_write, join, parquet_bytes
+from pipeline.io.layout import DUPLICATES, atomic_write, exists_now, join
 from pipeline.io.shards import Shard
+from pipeline.io.storage import filesystem_for
 from pipeline.stages.read import ShardDatasource
 
 log = logging.getLogger(__name__)
 
-# Position of a row in the whole input: shard index in the high bits, row in the low ones.
-ROW_BITS = 40
-
+DONE = "_done.json"
 DUPLICATES_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -34,66 +41,84 @@ DUPLICATES_SCHEMA = pa.schema(
 )
 
 
-def rows_to_reject(config: JobConfig, shards: list[Shard], todo: list[Shard], fs, root: str) -> dict:
-    """With duplicate_ids flag or reject: list repeated ids in duplicates.parquet; for reject, return
-    the rows of the shards to do that must be dead-lettered, by shard URL (row -> why)."""
-    if config.duplicate_ids == "keep":
-        return {}
-    repeats = find_duplicate_ids(shards, config.text_field, config.id_field, config.storage)
-    atomic_write(fs, join(root, DUPLICATES), parquet_bytes(repeats))
-    log.info("%d rows repeat an earlier id; listed in %s", repeats.num_rows, DUPLICATES)
-    if config.duplicate_ids == "flag":
-        return {}
-    rejected: dict[str, dict[int, str]] = {}
-    pending = {s.url for s in todo}
-    for r in repeats.to_pylist():
-        if r["shard"] in pending:
+@dataclass(frozen=True)
+class RepeatedRows:
+    """Where the rows to dead-letter as repeats are listed; read tasks ask for their own shards."""
+
+    output_url: str
+    storage: StorageConfig
+
+    def for_shards(self, urls: list[str]) -> dict[str, dict[int, str]]:
+        """shard URL -> row -> why, for the repeats among these shards."""
+        fs, root = filesystem_for(self.output_url, self.storage)
+        table = ds.dataset(join(root, DUPLICATES), filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA)
+        found = table.to_table(filter=pc.field("shard").isin(urls)).to_pylist()
+        rejected: dict[str, dict[int, str]] = {}
+        for r in found:
             rejected.setdefault(r["shard"], {})[r["row"]] = (
                 f"id {r['id']!r} was already seen at {r['first_shard']} row {r['first_row']}"
             )
-    return rejected
+        return rejected
 
 
-def find_duplicate_ids(shards: list[Shard], text_field: str, id_field: str, storage: StorageConfig) -> pa.Table:
-    """Every occurrence of a repeated id except its first, with where the first one is (DUPLICATES_SCHEMA)."""
-    index = {shard.url: i for i, shard in enumerate(shards)}
+def rows_to_reject(config: JobConfig, shards: list[Shard]) -> RepeatedRows | None:
+    """With duplicate_ids flag or reject: list repeated ids in duplicates/ (once per input); for
+    reject, where the read tasks find the rows to dead-letter."""
+    if config.duplicate_ids == "keep":
+        return None
+    fs, root = filesystem_for(config.output, config.storage)
+    folder = join(root, DUPLICATES)
+    digest = input_digest(shards)
+    done = join(folder, DONE)
+    if exists_now(fs, done) and json.loads(fs.cat_file(done)).get("input_sha256") == digest:
+        log.info("repeated ids of this input were listed by an earlier run: reusing %s/", DUPLICATES)
+    else:
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)  # an interrupted listing, or one of an earlier input
+        repeats = find_duplicate_ids(shards, config.text_field, config.id_field, config.storage)
+        repeats.write_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(fs)), min_rows_per_file=100_000)
+        found = repeats.count()
+        atomic_write(fs, done, json.dumps({"input_sha256": digest, "repeats": found}).encode())
+        log.info("%d rows repeat an earlier id; listed in %s/", found, DUPLICATES)
+    return RepeatedRows(config.output, config.storage) if config.duplicate_ids == "reject" else None
+
+
+def input_digest(shards: list[Shard]) -> str:
+    """What the input was: every shard's URL and fingerprint."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(f"{shard.url}\0{shard.fingerprint}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def find_duplicate_ids(shards: list[Shard], text_field: str, id_field: str, storage: StorageConfig):
+    """A dataset of every occurrence of a repeated id except its first, with where the first one is
+    (DUPLICATES_SCHEMA), computed on the cluster."""
     rows = ray.data.read_datasource(ShardDatasource(shards, text_field, id_field, storage)).map_batches(
-        _positions, fn_kwargs={"index": index}, batch_format="pyarrow"
+        _ids_and_places, batch_format="pyarrow"
     )
-    later = rows.groupby("id").map_groups(_all_but_first, batch_format="pyarrow").take_all()
-    urls = [shard.url for shard in shards]
-    low = (1 << ROW_BITS) - 1
-    later.sort(key=lambda r: r["pos"])
-    return pa.Table.from_pylist(
-        [
-            {
-                "id": r["id"],
-                "shard": urls[r["pos"] >> ROW_BITS],
-                "row": r["pos"] & low,
-                "first_shard": urls[r["first_pos"] >> ROW_BITS],
-                "first_row": r["first_pos"] & low,
-            }
-            for r in later
-        ],
-        schema=DUPLICATES_SCHEMA,
-    )
+    return rows.groupby("id").map_groups(_all_but_first, batch_format="pyarrow")
+
+
+def _ids_and_places(batch: pa.Table) -> pa.Table:
+    batch = batch.filter(pc.is_valid(batch.column("id")))  # rows whose id is missing are dead letters anyway
+    return batch.select(["id", "shard", "row"])
 
 
 def _all_but_first(group: pa.Table) -> pa.Table:
-    """The rows of one id after its earliest one, each with the earliest position."""
-    positions = np.sort(group.column("pos").to_numpy())
-    later = positions[1:]
+    """The rows of one id after its earliest one, each with the earliest place."""
+    if group.num_rows < 2:
+        return DUPLICATES_SCHEMA.empty_table()
+    ordered = group.sort_by([("shard", "ascending"), ("row", "ascending")])
+    later = ordered.slice(1)
+    first_shard, first_row = ordered.column("shard")[0].as_py(), ordered.column("row")[0].as_py()
     return pa.table(
         {
-            "id": pa.array([group.column("id")[0].as_py()] * len(later), pa.string()),
-            "pos": pa.array(later, pa.int64()),
-            "first_pos": pa.array(np.full(len(later), positions[0]), pa.int64()),
-        }
+            "id": later.column("id"),
+            "shard": later.column("shard"),
+            "row": later.column("row"),
+            "first_shard": pa.array([first_shard] * later.num_rows, pa.string()),
+            "first_row": pa.array([first_row] * later.num_rows, pa.int64()),
+        },
+        schema=DUPLICATES_SCHEMA,
     )
-
-
-def _positions(batch: pa.Table, *, index: dict[str, int]) -> pa.Table:
-    batch = batch.filter(pc.is_valid(batch.column("id")))  # rows whose id is missing are dead letters anyway
-    shard_index = np.array([index[url] for url in batch.column("shard").to_pylist()], dtype=np.int64)
-    positions = (shard_index << ROW_BITS) | batch.column("row").to_numpy()
-    return pa.table({"id": batch.column("id"), "pos": pa.array(positions)})

@@ -1,0 +1,251 @@
+"""The manifest at scale, without Ray: many small shards in few read tasks, one read record per task,
+and the commit and read records compacted into one checkpoint, crash-safe at every step; outputs of
+manifest version 1 still load and are upgraded."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+from corpus import jsonl_bytes, make_docs
+
+from pipeline.config import StorageConfig
+from pipeline.faults import SimulatedCrash, crash_at
+from pipeline.io import compaction
+from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READS, RUN_RECORD, SHARDS
+from pipeline.io.lease import acquire_lease
+from pipeline.io.manifest import read_state
+from pipeline.io.recovery import recover, repair
+from pipeline.io.run_record import append_run, read_run_record, recorded_inputs, recorded_urls
+from pipeline.io.shards import discover_shards
+from pipeline.io.sink import CommittedParquetSink
+from pipeline.io.storage import filesystem_for
+from pipeline.stages.read import ShardDatasource
+from pipeline.stages.reports import ShardOutcomes
+
+STORAGE = StorageConfig()
+
+
+class ProgressCalls:
+    """Stands in for the progress actor's handle: records what the read tasks report."""
+
+    def __init__(self) -> None:
+        self.calls = []
+        self.shard_read = self
+
+    def remote(self, *args) -> None:
+        self.calls.append(args)
+
+
+def write_corpus(folder, small: int, rows: int = 3) -> None:
+    folder.mkdir()
+    for i in range(small):
+        (folder / f"s{i:04d}.jsonl").write_bytes(jsonl_bytes(make_docs(rows, seed=i, prefix=f"s{i}-")))
+    (folder / "zz-huge.jsonl").write_bytes(jsonl_bytes(make_docs(400, seed=99, prefix="huge-")))
+
+
+def run_read_tasks(source: ShardDatasource, parallelism: int) -> pa.Table:
+    tasks = source.get_read_tasks(parallelism)
+    return [table for task in tasks for table in task.read_fn()], tasks
+
+
+def state_facts(state) -> tuple:
+    return (
+        sorted(c.part for c in state.commits),
+        state.committed_ranges(),
+        {url: (d.fingerprint, d.rows) for url, d in state.shards_done.items()},
+        {url: f.rows_read for url, f in state.file_failures.items()},
+        state.error_counts(),
+    )
+
+
+def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_read_record(tmp_path):
+    write_corpus(tmp_path / "in", small=300)
+    fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
+    shards = discover_shards(fs, path)
+    progress = ProgressCalls()
+    source = ShardDatasource(
+        shards, "text", "id", STORAGE, outcomes=ShardOutcomes(str(tmp_path / "out"), STORAGE, progress)
+    )
+
+    tables, tasks = run_read_tasks(source, parallelism=10)
+
+    # About one task per tenth of the bytes; the huge shard alone; every shard once, in path order.
+    assert 5 <= len(tasks) <= 11
+    assert [url for t in tasks for url in t.metadata.input_files] == [s.url for s in shards]
+    assert tasks[-1].metadata.input_files == (shards[-1].url,) and shards[-1].url.endswith("zz-huge.jsonl")
+    assert sum(t.num_rows for t in tables) == 300 * 3 + 400
+    assert len(list((tmp_path / "out" / READS).iterdir())) == len(tasks)
+    out_fs, root = filesystem_for(str(tmp_path / "out"), STORAGE)
+    done = read_state(out_fs, root).shards_done
+    assert {url: d.rows for url, d in done.items()} == {s.url: (400 if "huge" in s.url else 3) for s in shards}
+    assert len(progress.calls) == len(shards)
+
+
+def committed_output(tmp_path, parts: int = 6):
+    """An output with `parts` committed parts (one shard each) and a read record per shard."""
+    out = str(tmp_path / "out")
+    fs, root = filesystem_for(out, STORAGE)
+    sink = CommittedParquetSink(out, STORAGE, generation=0, rows_per_part=10)
+    for i in range(parts):
+        url = f"file:///in/{i}.jsonl"
+        table = pa.table(
+            {
+                "id": [f"{i}-{r}" for r in range(4)],
+                "embedding": [[float(r)] * 4 for r in range(4)],
+                "n_tokens": [3] * 4,
+                "truncated": [False] * 4,
+                "shard": [url] * 4,
+                "row": list(range(4)),
+                "error": [None, None, None, "empty_text"],
+                "error_message": [None, None, None, "the text is empty"],
+                "excerpt": [None, None, None, ""],
+            }
+        )
+        sink.write([table.cast(_stream_schema())], ctx=None)
+        outcomes = ShardOutcomes(out, STORAGE, ProgressCalls()).recorder()
+        shard = type("S", (), {"url": url, "fingerprint": f"size={i}", "size_bytes": 1})()
+        outcomes.read_to_end(shard, 4)
+        outcomes.close()
+    return fs, root
+
+
+def _stream_schema():
+    from pipeline.io.schemas import stream_schema
+
+    return stream_schema(4, "float32")
+
+
+def test_compaction_folds_every_record_into_one_checkpoint_and_the_state_reads_the_same(tmp_path, monkeypatch):
+    fs, root = committed_output(tmp_path)
+    before = state_facts(read_state(fs, root))
+    monkeypatch.setattr(compaction, "COMPACT_AFTER_RECORDS", 1)
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)
+        assert not list((tmp_path / "out" / COMMITS).iterdir()) and not list((tmp_path / "out" / READS).iterdir())
+        assert [p.name for p in (tmp_path / "out" / CHECKPOINTS).iterdir()] == ["0000000001.parquet"]
+        assert state_facts(read_state(fs, root)) == before
+
+        # New records after a checkpoint are read beside it, and the next compaction replaces it.
+        committed_output(tmp_path, parts=8)  # parts 0-5 again (same names, idempotent) and 6-7 new
+        grown = state_facts(read_state(fs, root))
+        assert len(grown[0]) == 8
+        recover(fs, root, lease.token)
+    assert [p.name for p in (tmp_path / "out" / CHECKPOINTS).iterdir()] == ["0000000002.parquet"]
+    assert state_facts(read_state(fs, root)) == grown
+
+
+@pytest.mark.parametrize("point", ["compact.after_checkpoint", "compact.after_records"])
+def test_a_crash_at_each_compaction_step_loses_and_doubles_nothing(tmp_path, monkeypatch, point):
+    fs, root = committed_output(tmp_path)
+    before = read_state(fs, root)
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    with acquire_lease(fs, root) as lease:
+        with crash_at(point), pytest.raises(SimulatedCrash):
+            recover(fs, root, lease.token)
+        after = read_state(fs, root)
+        assert state_facts(after) == state_facts(before)
+        assert after.committed_rows == before.committed_rows == 24
+        recover(fs, root, lease.token)  # the next run's recovery finishes the compaction
+    assert not list((tmp_path / "out" / COMMITS).iterdir())
+    assert len(list((tmp_path / "out" / CHECKPOINTS).iterdir())) == 1
+    assert state_facts(read_state(fs, root)) == state_facts(before)
+
+
+def test_repair_withdraws_a_broken_part_that_only_the_checkpoint_names(tmp_path, monkeypatch):
+    fs, root = committed_output(tmp_path)
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)
+        victim = sorted((tmp_path / "out" / PARTS).iterdir())[0]
+        victim.write_bytes(b"not parquet")
+        report = repair(fs, root, chunks=False, lease_token=lease.token)
+    assert len(report.actions) == 1 and "cannot be read" in report.actions[0]
+    state = read_state(fs, root)
+    assert victim.stem not in {c.part for c in state.commits} and len(state.commits) == 5
+    assert not (tmp_path / "out" / PARTS / victim.name).exists()
+
+
+def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(tmp_path, monkeypatch):
+    fs, root = committed_output(tmp_path, parts=2)
+    out = tmp_path / "out"
+    # Rewrite it the way version 1 kept it: a file per shard read or failed, inputs in the run record.
+    for record in (out / READS).iterdir():
+        done = json.loads(record.read_text())["done"][0]
+        (out / SHARDS).mkdir(exist_ok=True)
+        (out / SHARDS / f"{done['url'][-7]}.json").write_text(json.dumps(done))
+        record.unlink()
+    failure = {
+        "url": "file:///in/x-\udcff.jsonl",
+        "fingerprint": "size=9",
+        "rows_read": 2,
+        "reason": "binary_file",
+        "message": "binary",
+    }
+    (out / FAILED).mkdir()
+    (out / FAILED / "x.json").write_text(json.dumps(failure))
+    inputs = [{"url": f"file:///in/{i}.jsonl", "format": "jsonl", "fingerprint": f"size={i}"} for i in range(2)]
+    inputs.append({"url": failure["url"], "format": "jsonl", "fingerprint": "size=9"})
+    (out / RUN_RECORD).write_text(
+        json.dumps(
+            {"settings": {}, "generations": [{"generation": 0, "input": "file:///in", "inputs": inputs}], "runs": []}
+        )
+    )
+
+    state = read_state(fs, root)
+    assert {url: d.rows for url, d in state.shards_done.items()} == {"file:///in/0.jsonl": 4, "file:///in/1.jsonl": 4}
+    assert state.error_counts() == {"empty_text": 2, "file:binary_file": 1}
+    record = read_run_record(fs, root)
+    assert recorded_urls(recorded_inputs(fs, root, record)) == [i["url"] for i in inputs]
+
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)
+    append_run(fs, root, _Summary())
+    assert not list((out / SHARDS).iterdir()) and not list((out / FAILED).iterdir())
+    upgraded = read_run_record(fs, root)
+    assert upgraded["manifest_version"] == 2 and "inputs" not in upgraded["generations"][0]
+    assert (out / INPUTS / "000000.parquet").exists()
+    assert recorded_urls(recorded_inputs(fs, root, upgraded)) == [i["url"] for i in inputs]
+    assert state_facts(read_state(fs, root)) == state_facts(state)
+
+
+class _Summary:
+    """append_run takes a dataclass."""
+
+    __dataclass_fields__ = {}
+
+
+def test_repeated_ids_are_listed_once_per_input_and_listed_again_when_it_grows(ray_local, tmp_path, monkeypatch):
+    import pipeline.duplicate_ids as duplicate_ids
+    from pipeline.config import load_config
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes([{"id": "x", "text": "one"}, {"id": "y", "text": "two"}]))
+    (tmp_path / "in" / "b.jsonl").write_bytes(jsonl_bytes([{"id": "x", "text": "again"}]))
+    config = load_config(
+        None,
+        {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "unused", "id_field": "id"}
+        | {"duplicate_ids": "reject"},
+    )
+    fs, path = filesystem_for(config.input, STORAGE)
+    repeats = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
+    url_b = discover_shards(fs, path)[1].url
+    assert list(repeats.for_shards([url_b])) == [url_b] and list(repeats.for_shards([url_b])[url_b]) == [0]
+
+    def must_not_run(*args):
+        raise AssertionError("the input was read again for repeated ids")
+
+    with monkeypatch.context() as patched:  # a resumed run over the same input reuses the list
+        patched.setattr(duplicate_ids, "find_duplicate_ids", must_not_run)
+        again = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
+    assert again.for_shards([url_b]) == repeats.for_shards([url_b])
+
+    (tmp_path / "in" / "c.jsonl").write_bytes(jsonl_bytes([{"id": "y", "text": "later"}]))
+    grown = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
+    url_c = discover_shards(fs, path)[2].url
+    assert grown.for_shards([url_c])[url_c][0].startswith("id 'y' was already seen at") and url_b in grown.for_shards(
+        [url_b]
+    )
