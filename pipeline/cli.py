@@ -26,6 +26,15 @@ EMBED_FLAGS: list[tuple[str, str, dict]] = [
         "fingerprint",
         dict(choices=["store", "content"], help="how changed inputs are told: store size+ETag/mtime, or content hash"),
     ),
+    (
+        "--refresh",
+        "refresh",
+        dict(
+            action="store_const",
+            const=True,
+            help="embed changed shards again and record deleted ones, as a new generation (a nightly refresh)",
+        ),
+    ),
     ("--text-field", "text_field", dict(help="field/column with the text (default: text)")),
     ("--id-field", "id_field", dict(help="field/column with the document id (default: derived from shard and row)")),
     ("--pooling", "pooling", dict(choices=list(POOLINGS), help="default: as the checkpoint declares")),
@@ -114,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("verify", "check that every input row is in OUTPUT exactly once (exit 0 only if so)"),
         ("status", "show how far the job writing OUTPUT got"),
         ("repair", "set aside damaged or stray parts so that a re-run makes OUTPUT whole again"),
+        ("export", "write OUTPUT's current view (every current row, once) as plain Parquet under DEST"),
+        ("vacuum", "delete the parts of OUTPUT that hold no current row (rewritten or deleted shards)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("output", help="the job's output folder or URL")
@@ -131,7 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "status":
             command.add_argument("--json", action="store_true", help="print the status as one JSON object")
-        if name in ("verify", "repair"):
+        if name == "export":
+            command.add_argument("dest", help="folder or URL to write the Parquet files to (must be empty)")
+            command.add_argument("--dead-letters", action="store_true", help="export the current dead letters")
+            command.add_argument("--rows-per-file", type=_positive_int, default=1_000_000, metavar="ROWS")
+        if name == "vacuum":
+            command.add_argument(
+                "--keep-generations",
+                type=_positive_int,
+                default=1,
+                metavar="N",
+                help="keep every part of the newest N generations, current or not (default 1)",
+            )
+            command.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+        if name in ("verify", "repair", "vacuum"):
             command.add_argument(
                 "--wait-for-lease", type=float, default=0.0, help="seconds to wait for a run writing OUTPUT"
             )
@@ -165,6 +189,30 @@ def _inspect(args: argparse.Namespace) -> int:
 
         status = output_status(args.output, storage)
         print(json.dumps(status, indent=2) if args.json else "\n".join(status_lines(status)))
+        return EXIT_OK
+    if args.command == "export":
+        from pipeline.io.current import export_current
+
+        files, rows = export_current(
+            args.output, args.dest, storage, rows_per_file=args.rows_per_file, dead_letters=args.dead_letters
+        )
+        print(f"export: {rows:,} current rows in {files} files under {args.dest}")
+        return EXIT_OK
+    if args.command == "vacuum":
+        from pipeline.vacuum import vacuum_output
+
+        report = vacuum_output(
+            args.output,
+            storage,
+            keep_generations=args.keep_generations,
+            dry_run=args.dry_run,
+            wait_s=args.wait_for_lease,
+        )
+        what = "would delete" if args.dry_run else "deleted"
+        print(
+            f"vacuum: {what} {len(report.parts)} parts holding {report.rows:,} rows, none of them current "
+            f"(kept every part of generations {report.kept_generations})"
+        )
         return EXIT_OK
     from pipeline.verify import repair_output, verify_output
 

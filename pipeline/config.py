@@ -96,6 +96,10 @@ class JobConfig(BaseModel):
     """How a run tells an input shard changed: store (size + ETag on object stores, size + mtime on disk:
     free, but an in-place edit that keeps size and mtime goes unseen) or content (size + SHA-256 of the
     bytes: every shard is read once per run to hash it)."""
+    refresh: bool = False
+    """A scheduled refresh: shards that changed since they were embedded are embedded again whole, and
+    shards no longer listed are recorded as deleted, in a new generation (without it, a changed shard
+    is refused and a vanished one only noted)."""
     text_field: str = "text"
     """Field (JSONL) or column (Parquet) holding the document text."""
     id_field: str | None = None
@@ -111,7 +115,7 @@ class JobConfig(BaseModel):
     the checkpoint's position limit, which is also the upper bound."""
     duplicate_ids: Literal["keep", "flag", "reject"] = "keep"
     """Repeated values of id_field: keep (embed all, no check), flag (embed all, list the repeats in
-    duplicates.parquet) or reject (embed the first in shard/row order, dead-letter the rest).
+    duplicates/) or reject (embed the first in shard/row order, dead-letter the rest).
     flag and reject read every shard's ids once before embedding."""
     strict: bool = False
     """Stop at the first bad row or unreadable file, naming it, instead of recording it in errors/."""

@@ -30,6 +30,9 @@ from pipeline.stages.read import ShardDatasource
 log = logging.getLogger(__name__)
 
 DONE = "_done.json"
+# Input bytes whose ids one task of the groupby takes: Ray Data's default of 200 partitions costs
+# seconds of scheduling on a small input.
+BYTES_PER_PARTITION = 1 << 30
 DUPLICATES_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -97,7 +100,8 @@ def find_duplicate_ids(shards: list[Shard], text_field: str, id_field: str, stor
     rows = ray.data.read_datasource(ShardDatasource(shards, text_field, id_field, storage)).map_batches(
         _ids_and_places, batch_format="pyarrow"
     )
-    return rows.groupby("id").map_groups(_all_but_first, batch_format="pyarrow")
+    partitions = max(1, min(200, sum(s.size_bytes for s in shards) // BYTES_PER_PARTITION))
+    return rows.groupby("id", num_partitions=partitions).map_groups(_all_but_first, batch_format="pyarrow")
 
 
 def _ids_and_places(batch: pa.Table) -> pa.Table:

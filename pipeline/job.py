@@ -20,11 +20,25 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import JobConfig
 from pipeline.duplicate_ids import rows_to_reject
+from pipeline.io.generations import (
+    Changes,
+    add_generation,
+    changes_since,
+    current_inputs,
+    recorded_inputs,
+    unfinished_work,
+)
 from pipeline.io.lease import writer_lease
 from pipeline.io.manifest import dead_letter_example
 from pipeline.io.ranges import Range, count_rows
 from pipeline.io.recovery import recover
-from pipeline.io.run_record import append_run, embedding_settings, open_run_record, remove_output
+from pipeline.io.run_record import (
+    InputChangedError,
+    append_run,
+    embedding_settings,
+    open_run_record,
+    remove_output,
+)
 from pipeline.io.shards import Shard, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
@@ -32,7 +46,14 @@ from pipeline.model.cpu_allocator import GLIBC_TUNABLES
 from pipeline.model.devices import DEFAULT_MAX_TOKENS, device_type
 from pipeline.model.inspection import CheckpointFacts
 from pipeline.preflight import check_input_fields, check_paths, inspect_model, sample_input
-from pipeline.progress import Progress, ProgressCounters, RateWindow, estimate_progress, progress_line
+from pipeline.progress import (
+    Progress,
+    ProgressCounters,
+    RateWindow,
+    estimate_progress,
+    merge_counters,
+    progress_line,
+)
 from pipeline.ray_session import check_actors_fit, connect_ray, release_failed_job
 from pipeline.stages.embed import EmbedStage
 from pipeline.stages.pack import tokenize_and_pack
@@ -85,11 +106,9 @@ def run_embedding_job(
             remove_output(out_fs, out_root)
         tokenizer_json = tokenizer.to_json()
         settings = embedding_settings(config, facts, tokenizer_json)
-        record, state = open_run_record(
-            out_fs, out_root, settings, config.input, shards, recover(out_fs, out_root, lease_token)
-        )
-        committed = state.committed_ranges()
-        todo = [s for s in shards if not state.shard_complete(s.url, committed)]
+        record, state = open_run_record(out_fs, out_root, settings, recover(out_fs, out_root, lease_token))
+        current = current_inputs(recorded_inputs(out_fs, out_root, record))
+        changes = _changes_to_record(config, current, shards, latest=len(record["generations"]) - 1)
         summary_of = partial(
             summarize,
             output=config.output,
@@ -99,28 +118,78 @@ def run_embedding_job(
             chunks=config.long_documents == "chunk",
             max_error_rate=config.max_error_rate,
         )
+        # Generations a crashed run left unfinished first, oldest first; then what changed.
+        work = unfinished_work(state, current, shards)
+        if changes:
+            generation = add_generation(out_fs, out_root, record, config.input, changes, refresh=config.refresh)
+            log.info("generation %d: %s", generation, _described(changes))
+            if changes.added or changes.changed:  # deletions alone need no model work
+                work[generation] = changes.added + changes.changed
+            current = current_inputs(recorded_inputs(out_fs, out_root, record))
         counters, progress_offset_s = None, 0.0
-        if todo:
-            log.info("%d of %d shards to do (%s) -> %s", len(todo), len(shards), _mib(todo), config.output)
-            generation = len(record["generations"]) - 1
+        for generation, todo in work.items():
+            log.info(
+                "generation %d: %d of %d shards to do (%s) -> %s",
+                generation,
+                len(todo),
+                len(shards),
+                _mib(todo),
+                config.output,
+            )
             plan = _Plan(
                 config,
                 facts,
                 tokenizer_json,
                 shards,
                 todo,
-                committed,
+                state.committed_ranges(generation),
                 generation,
                 sample.rows_per_byte,
                 lease_token,
             )
-            counters, progress_offset_s = _run_graph(plan, on_progress, started)
+            ran, offset_s = _run_graph(plan, on_progress, started)
+            counters, progress_offset_s = merge_counters(counters, ran), progress_offset_s or offset_s
             state = recover(out_fs, out_root, lease_token)
-        else:
+        if not work:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        summary = summary_of(state=state, counters=counters, progress_offset_s=progress_offset_s)
+        state.current = {url: version.fingerprint for url, version in current.items()}
+        summary = summary_of(
+            state=state,
+            counters=counters,
+            progress_offset_s=progress_offset_s,
+            generation=len(record["generations"]) - 1,
+            changes=changes.counts() if changes else None,
+        )
         append_run(out_fs, out_root, summary)  # with its --max-error-rate, which verify holds the output to
     return checked(summary, dead_letter_example(out_fs, out_root, state))
+
+
+def _changes_to_record(config: JobConfig, current: dict, shards: list[Shard], latest: int) -> Changes:
+    """The new generation this run adds: new shards always; changed and deleted ones with --refresh
+    (without it a changed shard is refused, and a vanished one only noted)."""
+    changes = changes_since(current, shards)
+    if config.refresh:
+        if not changes:
+            log.info("nothing changed since generation %d: no model work", latest)
+        return changes
+    if changes.changed:
+        raise InputChangedError(
+            f"{len(changes.changed)} input shards changed since they were embedded into this output "
+            f"(first: {changes.changed[0].url}); --refresh embeds them again as a new generation, or use a new "
+            "output location, or --overwrite to start again"
+        )
+    if changes.deleted:
+        log.warning(
+            "%d embedded shards are no longer listed (first: %s): their embeddings stay; --refresh records "
+            "them as deleted",
+            len(changes.deleted),
+            changes.deleted[0],
+        )
+    return Changes(changes.added, [], [])
+
+
+def _described(changes: Changes) -> str:
+    return ", ".join(f"{n:,} shards {kind}" for kind, n in changes.counts().items() if n) or "no change"
 
 
 def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:

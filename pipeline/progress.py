@@ -122,6 +122,21 @@ class RateWindow:
         return (k1 - k0) / (t1 - t0)
 
 
+def merge_counters(first: dict | None, then: dict) -> dict:
+    """Two graph runs' snapshots as one run's (a run that finished an earlier generation, then its own)."""
+    if first is None:
+        return then
+    merged = dict(then)
+    for key in ("documents", "dead_letters", "sequences", "tokens", "padded_tokens", "shards_read", "bytes_read"):
+        merged[key] = first[key] + then[key]
+    merged["embed_nodes"] = sorted(set(first["embed_nodes"]) | set(then["embed_nodes"]))
+    merged["first_batch_s"] = first["first_batch_s"] if first["first_batch_s"] is not None else then["first_batch_s"]
+    merged["first_batch_tokens"] = (
+        first["first_batch_tokens"] if first["first_batch_s"] is not None else then["first_batch_tokens"]
+    )
+    return merged
+
+
 def estimate_progress(snapshot: dict, tokens_per_s: float) -> Progress:
     """How far the job is and how long it has to go, from a counters snapshot and the current rate."""
     rows_done = snapshot["documents"] + snapshot["dead_letters"]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 
 from pipeline.config import StorageConfig
+from pipeline.io.generations import ADDED, CHANGED, DELETED, current_inputs, generation_rows, recorded_inputs
 from pipeline.io.lease import read_lease
 from pipeline.io.manifest import read_state
-from pipeline.io.run_record import read_run_record, recorded_inputs, recorded_urls
+from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
+
+CHANGES = (ADDED, CHANGED, DELETED)
 
 
 def output_status(output_url: str, storage: StorageConfig | None = None) -> dict:
@@ -18,9 +21,13 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     if record is None:
         return {"output": output_url, "started": False}
     state = read_state(fs, root)
-    urls = recorded_urls(recorded_inputs(fs, root, record))
-    committed = state.committed_ranges()
+    current = current_inputs(recorded_inputs(fs, root, record))
+    state.current = {url: version.fingerprint for url, version in current.items()}
+    by_generation = {g: state.committed_ranges(g) for g in {v.generation for v in current.values()}}
+    complete = sum(state.shard_complete(url, v.fingerprint, by_generation[v.generation]) for url, v in current.items())
+    read = [state.shards_done[key] for key in state.current.items() if key in state.shards_done]
     failed = state.failed_part_way()
+    rows_by_generation = generation_rows(state)
     last_run = record["runs"][-1] if record.get("runs") else None
     lease = read_lease(fs, root, now_s=time.time())
     writer = None
@@ -42,13 +49,22 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "rows_committed": state.committed_rows,
         "rows_embedded": state.embedded_rows,
         "rows_dead_lettered": state.committed_rows - state.embedded_rows,
-        "rows_in_shards_read": sum(d.rows for d in state.shards_done.values()) + sum(f.rows_read for f in failed),
+        "rows_in_shards_read": sum(d.rows for d in read) + sum(f.rows_read for f in failed),
         "dead_letters_by_reason": state.error_counts(),
-        "shards": len(urls),
-        "shards_complete": sum(state.shard_complete(url, committed) for url in urls),
-        "shards_read": len(state.shards_done),
+        "shards": len(current),
+        "shards_complete": complete,
+        "shards_read": len(read),
         "shards_failed_part_way": len(failed),
-        "generations": len(record["generations"]),
+        "generations": [
+            {
+                "generation": g["generation"],
+                "created": g.get("created"),
+                "refresh": g.get("refresh", False),
+                **{kind: g.get(f"shards_{kind}", g["shards"] if kind == "added" else 0) for kind in CHANGES},
+                "rows_committed": rows_by_generation.get(g["generation"], 0),
+            }
+            for g in record["generations"]
+        ],
         "parts_committed": len(state.commits),
         "uncommitted_leftovers": len(state.staged | set(state.leftovers)),
         "last_run": None if last_run is None else {k: last_run[k] for k in ("documents", "wall_s", "already_complete")},

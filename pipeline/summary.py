@@ -55,6 +55,10 @@ class JobSummary:
     chunk_rows: int | None = None
     """With long_documents=chunk, the output rows (one per window) this run wrote; None otherwise."""
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    generation: int | None = None
+    """The output's latest generation after this run."""
+    changes: dict[str, int] | None = None
+    """Shards added, changed and deleted by the generation this run started; None if it started none."""
 
     @property
     def dead_letters(self) -> int:
@@ -99,6 +103,8 @@ def summarize(
     progress_offset_s: float = 0.0,
     chunks: bool = False,
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE,
+    generation: int | None = None,
+    changes: dict[str, int] | None = None,
 ) -> JobSummary:
     """The summary of a run that started at monotonic time `started`; counters None: nothing to embed.
 
@@ -135,6 +141,8 @@ def summarize(
         steady_tokens_per_s=steady,
         chunk_rows=counters.get("sequences", 0) if chunks else None,
         max_error_rate=max_error_rate,
+        generation=generation,
+        changes=changes,
     )
 
 

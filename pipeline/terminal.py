@@ -14,15 +14,21 @@ def summary_lines(summary: JobSummary) -> list[str]:
         f"committed      {summary.rows_committed:,} input rows in {summary.parts} parts in all: "
         f"{summary.rows_embedded:,} embedded, {summary.rows_committed - summary.rows_embedded:,} dead-lettered"
     )
+    generation = []
+    if summary.changes is not None:
+        described = ", ".join(f"{n:,} {kind}" for kind, n in summary.changes.items())
+        generation = [f"generation     {summary.generation}: shards {described}"]
     if summary.already_complete:
         return [
             f"already complete: {summary.rows_committed:,} rows in {summary.parts} parts; nothing to embed",
+            *generation,
             committed,
             *_error_lines(summary),
             f"output         {summary.output}",
         ]
     lines = [
         f"documents      {summary.documents:,} embedded now, {summary.rows_skipped:,} rows already committed before",
+        *generation,
         committed,
     ]
     if summary.chunk_rows is not None:
@@ -88,6 +94,9 @@ class ProgressDisplay:
             self._bar.close()
 
 
+MAX_GENERATIONS_SHOWN = 5
+
+
 def status_lines(status: dict) -> list[str]:
     """status.output_status as a few lines."""
     if not status["started"]:
@@ -105,6 +114,15 @@ def status_lines(status: dict) -> list[str]:
         f"parts       {status['parts_committed']} committed, {status['uncommitted_leftovers']} uncommitted leftovers",
         f"errors      {errors}",
     ]
+    for g in status["generations"][-MAX_GENERATIONS_SHOWN:]:
+        kind = "refresh" if g["refresh"] else "run"
+        when = g["created"] or "date not recorded"
+        lines.append(
+            f"generation  {g['generation']} ({kind}, {when}): shards {g['added']:,} added, "
+            f"{g['changed']:,} changed, {g['deleted']:,} deleted; {g['rows_committed']:,} rows committed"
+        )
+    if len(status["generations"]) > MAX_GENERATIONS_SHOWN:
+        lines.append(f"            ({len(status['generations']) - MAX_GENERATIONS_SHOWN} earlier generations: --json)")
     writer = status["writer"]
     if writer and writer["running"]:
         lines.append(

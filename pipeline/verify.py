@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
-from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD
+from pipeline.io.current import current_shards
+from pipeline.io.generations import DELETED, current_inputs, recorded_inputs
+from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD, urls_of
 from pipeline.io.lease import acquire_lease, lease_supported
 from pipeline.io.manifest import OutputState, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
 from pipeline.io.recovery import RepairReport, repair
-from pipeline.io.run_record import read_run_record, recorded_inputs, recorded_urls
-from pipeline.io.schemas import ERRORS_SCHEMA, output_schema
+from pipeline.io.run_record import read_run_record
+from pipeline.io.schemas import ERROR_ROWS_SCHEMA, ERRORS_SCHEMA, output_schema
 from pipeline.io.shards import discover_shards
 from pipeline.io.storage import filesystem_for
 from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, schema_shape
@@ -77,29 +79,45 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
         report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
         return
     state = read_state(fs, root)
+    inputs = recorded_inputs(fs, root, record)
+    current = current_inputs(inputs)
+    state.current = {url: version.fingerprint for url, version in current.items()}
     _check_files(state, report)
-    settings = record["settings"]
-    _check_part_contents(output_url, storage, state, settings, sample, report)
+    _check_part_contents(output_url, storage, state, record["settings"], current, sample, report)
 
-    # Inputs: every row of every shard committed exactly once, from the commit records' row ranges.
-    by_shard: dict[str, list] = {}
+    # Every version of every shard: its rows committed at most once in its generation; the current
+    # version's every row committed exactly once (embedded or dead-lettered).
+    by_version: dict[tuple[str, int], list] = {}
     for commit in state.commits:
         for url, ranges in commit.ranges.items():
-            by_shard.setdefault(url, []).extend(ranges)
-    inputs = recorded_inputs(fs, root, record)
-    urls = recorded_urls(inputs)
-    recorded_prints = dict(zip(urls, inputs.column("fingerprint").to_pylist(), strict=True))
-    total_rows = 0
+            by_version.setdefault((url, commit.generation), []).extend(ranges)
+    entries = zip(
+        urls_of(inputs.column("url")),
+        inputs.column("generation").to_pylist(),
+        inputs.column("fingerprint").to_pylist(),
+        inputs.column("change").to_pylist(),
+        strict=True,
+    )
+    versions = {(url, g): fingerprint for url, g, fingerprint, change in entries if change != DELETED}
+    total_rows, superseded_rows, superseded = 0, 0, 0
     failed: list[str] = []
-    for url in urls:
-        doubled = overlaps(by_shard.get(url, []))
+    for (url, generation), fingerprint in versions.items():
+        committed = by_version.get((url, generation), [])
+        doubled = overlaps(committed)
         if doubled:
-            report.problems.append(f"{url}: rows {_ranges(doubled)} committed more than once")
-        done = state.shards_done.get(url)
-        failure = state.file_failures.get(url)
+            report.problems.append(
+                f"{url}: rows {_ranges(doubled)} committed more than once in generation {generation}"
+            )
+        version = current.get(url)
+        if version is None or version.generation != generation:
+            superseded += 1
+            superseded_rows += count_rows(merge_ranges(committed))
+            continue
+        done = state.shards_done.get((url, fingerprint))
+        failure = state.file_failures.get((url, fingerprint))
         if done is None and failure is not None:
             # Accounted for as a file: its rows before the failure must each be committed once.
-            gaps = missing(merge_ranges(by_shard.get(url, [])), failure.rows_read)
+            gaps = missing(merge_ranges(committed), failure.rows_read)
             if gaps:
                 report.problems.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
             failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
@@ -109,36 +127,46 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
             report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
             continue
         total_rows += done.rows
-        gaps = missing(merge_ranges(by_shard.get(url, [])), done.rows)
+        gaps = missing(merge_ranges(committed), done.rows)
         if gaps:
             report.problems.append(f"{url}: {count_rows(gaps)} of {done.rows} rows missing, rows {_ranges(gaps)}")
-        if done.fingerprint != recorded_prints[url]:
-            report.problems.append(f"{url}: read with fingerprint {done.fingerprint}, recorded {recorded_prints[url]}")
-    unknown = sorted(set(by_shard) - set(recorded_prints))
+    unknown = sorted({f"{url} (generation {g})" for url, g in by_version if (url, g) not in versions})
     if unknown:
         report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
     if check_inputs:
         roots = sorted({g["input"] for g in record["generations"]})
-        _check_fingerprints(roots, recorded_prints, storage, settings.get("fingerprint", "store"), report)
+        recorded = {url: version.fingerprint for url, version in current.items()}
+        _check_fingerprints(roots, recorded, storage, record["settings"].get("fingerprint", "store"), report)
 
     dead = sum(c.error_rows for c in state.commits)
     _check_dead_letter_rate(record, state, report)
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
-        f"{len(urls)} input shards with {total_rows:,} rows read; {len(record['generations'])} generations"
+        f"{len(current)} current input shards with {total_rows:,} rows; {len(record['generations'])} generations"
     )
+    if superseded:
+        report.facts.append(
+            f"{superseded_rows:,} rows of {superseded} shard versions changed or deleted since are superseded "
+            "(not current; vacuum removes parts that hold nothing else)"
+        )
     if failed:
         report.facts.append(f"{len(failed)} files failed part way: {_first(failed)}")
 
 
-def _check_part_contents(output_url, storage, state: OutputState, settings: dict, sample: int | None, report) -> None:
-    """Each published part holds exactly its record's rows in the recorded schema; no id twice in a
-    generation. On the cluster (part_checks.py), or for a random sample of parts here."""
+def _check_part_contents(
+    output_url, storage, state: OutputState, settings: dict, current: dict, sample: int | None, report
+) -> None:
+    """Each published part holds exactly its record's rows in the recorded schema; no id in two current
+    rows. On the cluster (part_checks.py), or for a random sample of parts here."""
     chunks = settings.get("long_documents") == "chunk"
     expected = {
-        PARTS: schema_shape(output_schema(settings["hidden_size"], settings["output_dtype"], chunks=chunks)),
-        ERRORS: schema_shape(ERRORS_SCHEMA),
+        # Parts written before manifest version 2 have no generation column: both are right.
+        PARTS: [
+            schema_shape(output_schema(settings["hidden_size"], settings["output_dtype"], chunks=chunks, generation=g))
+            for g in (True, False)
+        ],
+        ERRORS: [schema_shape(ERRORS_SCHEMA), schema_shape(ERROR_ROWS_SCHEMA)],
     }
     published = [c for c in state.commits if not state.unpublished(c)]
     if sample is not None:
@@ -151,22 +179,24 @@ def _check_part_contents(output_url, storage, state: OutputState, settings: dict
         with ray_for_checks():
             found = check_parts(output_url, storage, published, expected, chunks=chunks)
             if settings.get("id_field"):
-                counts, shown = repeated_ids(output_url, storage, published, chunks=chunks, examples=MAX_LISTED)
-                _report_repeats(counts, shown, settings.get("duplicate_ids", "keep"), report)
+                live = [(c, current_shards(c, current)) for c in published if c.embedded_rows]
+                repeated, shown = repeated_ids(
+                    output_url, storage, [(c, s) for c, s in live if s], chunks=chunks, examples=MAX_LISTED
+                )
+                _report_repeats(repeated, shown, settings.get("duplicate_ids", "keep"), report)
             # Without an id field, ids are shard#row: unique exactly when every row is committed once.
     report.problems.extend(problem for _, problem in sorted(found))
 
 
-def _report_repeats(counts: dict[int, int], shown: list[tuple[int, str]], policy: str, report) -> None:
-    for generation, n in sorted(counts.items()):
-        examples = _first([i for g, i in shown if g == generation])
-        if policy == "reject":
-            report.problems.append(f"generation {generation}: {n} ids appear more than once: {examples}")
-        else:  # the input repeats them and the run was told to keep them
-            report.facts.append(
-                f"generation {generation}: {n} ids repeat in the input and were kept (duplicate_ids={policy}): "
-                f"{examples}"
-            )
+def _report_repeats(repeated: int, shown: list[str], policy: str, report) -> None:
+    if not repeated:
+        return
+    if policy == "reject":
+        report.problems.append(f"{repeated} ids appear in more than one current row: {_first(shown)}")
+    else:  # the input repeats them and the run was told to keep them
+        report.facts.append(
+            f"{repeated} ids repeat in the input and were kept (duplicate_ids={policy}): {_first(shown)}"
+        )
 
 
 def _check_files(state: OutputState, report: VerifyReport) -> None:
@@ -229,9 +259,15 @@ def _check_fingerprints(
     gone = [url for url in recorded if url not in now]
     changed = [url for url in recorded if url in now and now[url] != recorded[url]]
     if gone:
-        report.facts.append(f"{len(gone)} input shards no longer exist (their embeddings stay): {_first(gone)}")
+        report.facts.append(
+            f"{len(gone)} input shards no longer exist (their embeddings stay current until a --refresh records "
+            f"them as deleted): {_first(gone)}"
+        )
     if changed:
-        report.problems.append(f"{len(changed)} input shards changed since they were embedded: {_first(changed)}")
+        report.problems.append(
+            f"{len(changed)} input shards changed since they were embedded: {_first(changed)}; a --refresh run "
+            "embeds them again"
+        )
     else:
         report.facts.append(f"input fingerprints unchanged ({mode})")
 

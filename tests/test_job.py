@@ -12,8 +12,9 @@ from corpus import jsonl_bytes, make_docs, parquet_bytes
 from pipeline.cli import main
 from pipeline.config import StorageConfig, load_config
 from pipeline.errors import EXIT_OK, ModelError, NoInputError, OutputConflictError, SettingsError
-from pipeline.io.layout import PARTS, RUN_RECORD
-from pipeline.io.run_record import SettingsMismatchError, recorded_inputs, recorded_urls
+from pipeline.io.generations import recorded_inputs
+from pipeline.io.layout import PARTS, RUN_RECORD, urls_of
+from pipeline.io.run_record import SettingsMismatchError
 from pipeline.io.storage import filesystem_for
 from pipeline.job import run_embedding_job
 
@@ -69,7 +70,7 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
     assert record["manifest_version"] == 2 and record["generations"][0]["shards"] == len(shards)
     fs, root = filesystem_for(f"s3://{s3.bucket}/out", StorageConfig(endpoint_url=s3_endpoint))
     inputs = recorded_inputs(fs, root, record)
-    assert recorded_urls(inputs) == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
+    assert urls_of(inputs.column("url")) == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]
     assert all(p.startswith("size=") and "etag=" in p for p in inputs.column("fingerprint").to_pylist())
 
 

@@ -13,11 +13,12 @@ from corpus import jsonl_bytes, make_docs
 from pipeline.config import StorageConfig
 from pipeline.faults import SimulatedCrash, crash_at
 from pipeline.io import compaction
-from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READS, RUN_RECORD, SHARDS
+from pipeline.io.generations import recorded_inputs
+from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READS, RUN_RECORD, SHARDS, urls_of
 from pipeline.io.lease import acquire_lease
 from pipeline.io.manifest import read_state
 from pipeline.io.recovery import recover, repair
-from pipeline.io.run_record import append_run, read_run_record, recorded_inputs, recorded_urls
+from pipeline.io.run_record import append_run, read_run_record
 from pipeline.io.shards import discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
@@ -54,8 +55,8 @@ def state_facts(state) -> tuple:
     return (
         sorted(c.part for c in state.commits),
         state.committed_ranges(),
-        {url: (d.fingerprint, d.rows) for url, d in state.shards_done.items()},
-        {url: f.rows_read for url, f in state.file_failures.items()},
+        {key: d.rows for key, d in state.shards_done.items()},
+        {key: f.rows_read for key, f in state.file_failures.items()},
         state.error_counts(),
     )
 
@@ -79,7 +80,9 @@ def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_r
     assert len(list((tmp_path / "out" / READS).iterdir())) == len(tasks)
     out_fs, root = filesystem_for(str(tmp_path / "out"), STORAGE)
     done = read_state(out_fs, root).shards_done
-    assert {url: d.rows for url, d in done.items()} == {s.url: (400 if "huge" in s.url else 3) for s in shards}
+    assert {key: d.rows for key, d in done.items()} == {
+        (s.url, s.fingerprint): (400 if "huge" in s.url else 3) for s in shards
+    }
     assert len(progress.calls) == len(shards)
 
 
@@ -195,10 +198,13 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     )
 
     state = read_state(fs, root)
-    assert {url: d.rows for url, d in state.shards_done.items()} == {"file:///in/0.jsonl": 4, "file:///in/1.jsonl": 4}
+    assert {url: d.rows for (url, _), d in state.shards_done.items()} == {
+        "file:///in/0.jsonl": 4,
+        "file:///in/1.jsonl": 4,
+    }
     assert state.error_counts() == {"empty_text": 2, "file:binary_file": 1}
     record = read_run_record(fs, root)
-    assert recorded_urls(recorded_inputs(fs, root, record)) == [i["url"] for i in inputs]
+    assert urls_of(recorded_inputs(fs, root, record).column("url")) == [i["url"] for i in inputs]
 
     monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
     with acquire_lease(fs, root) as lease:
@@ -208,7 +214,7 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     upgraded = read_run_record(fs, root)
     assert upgraded["manifest_version"] == 2 and "inputs" not in upgraded["generations"][0]
     assert (out / INPUTS / "000000.parquet").exists()
-    assert recorded_urls(recorded_inputs(fs, root, upgraded)) == [i["url"] for i in inputs]
+    assert urls_of(recorded_inputs(fs, root, upgraded).column("url")) == [i["url"] for i in inputs]
     assert state_facts(read_state(fs, root)) == state_facts(state)
 
 

@@ -82,17 +82,16 @@ def _merge(state: OutputState, table: pa.Table) -> None:
     done = table.filter(pc.equal(kind, "done"))
     columns = (urls_of(done.column("url")), done.column("fingerprint").to_pylist(), done.column("rows").to_pylist())
     for url, fingerprint, rows in zip(*columns, strict=True):
-        state.shards_done.setdefault(url, ShardDone(url, fingerprint, rows))
+        state.shards_done.setdefault((url, fingerprint), ShardDone(url, fingerprint, rows))
     failed = table.filter(pc.equal(kind, "failed"))
     for url, row in zip(urls_of(failed.column("url")), failed.to_pylist(), strict=True):
-        state.file_failures.setdefault(
-            url, FileFailure(url, row["fingerprint"], row["rows"], row["reason"], row["message"])
-        )
+        failure = FileFailure(url, row["fingerprint"], row["rows"], row["reason"], row["message"])
+        state.file_failures.setdefault((url, failure.fingerprint), failure)
 
 
 def checkpoint_table(state: OutputState) -> pa.Table:
     """Everything the state says is committed or read, one row per fact."""
-    failed = state.failed_part_way()
+    failed = [f for key, f in sorted(state.file_failures.items()) if key not in state.shards_done]
     n_commits, n_done = len(state.commits), len(state.shards_done)
     done = list(state.shards_done.values())
     columns = {

@@ -11,6 +11,7 @@ _reads/<id>.json           one read task's shards: read to their end (URL, finge
 _checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py)
 _inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
+_vacuum.json               the parts an interrupted vacuum was deleting (vacuum.py)
 duplicates/                with duplicate_ids flag/reject: every repeat of an id and where its first is,
                            as Parquet files, and _done.json naming the input they were found in
 
@@ -45,6 +46,7 @@ SHARDS = "_shards"  # manifest version 1
 FAILED = "_failed"  # manifest version 1
 QUARANTINE = "_quarantine"
 DUPLICATES = "duplicates"
+VACUUM = "_vacuum.json"
 
 
 def join(root: str, *names: str) -> str:
@@ -105,9 +107,11 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def part_name(shard_rows: dict[str, list[Range]]) -> str:
-    """Deterministic name from the rows a part holds."""
-    digest = hashlib.sha256(json.dumps(sorted(shard_rows.items())).encode()).hexdigest()
+def part_name(shard_rows: dict[str, list[Range]], generation: int = 0) -> str:
+    """Deterministic name from the rows a part holds, and their generation: a rewritten shard's rows
+    are other rows, in another part."""
+    rows = sorted(shard_rows.items())
+    digest = hashlib.sha256(json.dumps([generation, rows] if generation else rows).encode()).hexdigest()
     return f"part-{digest[:32]}"
 
 

@@ -31,8 +31,10 @@ from pipeline.io.layout import (
     READS,
     SHARDS,
     STAGING,
+    VACUUM,
     atomic_write,
     cat_many,
+    exists_now,
     join,
     listing,
     name_of,
@@ -120,6 +122,10 @@ class ShardDone:
     rows: int
 
 
+ShardKey = tuple[str, str]
+"""(URL, fingerprint): one version of a shard. A rewritten shard is another version, embedded again."""
+
+
 @dataclass
 class OutputState:
     """What an output folder holds, read in a handful of listings."""
@@ -127,8 +133,8 @@ class OutputState:
     commits: list[CommitRecord] = field(default_factory=list)
     fenced: list[CommitRecord] = field(default_factory=list)
     """Commit records a run made after it had lost the writer lease: not committed (recovery quarantines them)."""
-    shards_done: dict[str, ShardDone] = field(default_factory=dict)
-    file_failures: dict[str, FileFailure] = field(default_factory=dict)
+    shards_done: dict[ShardKey, ShardDone] = field(default_factory=dict)
+    file_failures: dict[ShardKey, FileFailure] = field(default_factory=dict)
     published: set[str] = field(default_factory=set)
     """Relative paths of the files under parts/ and errors/."""
     staged: set[str] = field(default_factory=set)
@@ -138,20 +144,27 @@ class OutputState:
     """Paths of the commit and read records read from their own files (not from a checkpoint)."""
     checkpoints: list[str] = field(default_factory=list)
     """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
+    vacuuming: set[str] = field(default_factory=set)
+    """Parts an interrupted vacuum was deleting (_vacuum.json): their files are no orphans."""
+    current: dict[str, str] | None = None
+    """URL -> fingerprint of the shards in the current input (generations.current_inputs), once known:
+    failures of other versions of a shard are then history, not failed files."""
 
-    def committed_ranges(self) -> dict[str, list[Range]]:
+    def committed_ranges(self, generation: int | None = None) -> dict[str, list[Range]]:
+        """Committed row ranges by shard URL: of one generation, or of all of them."""
         by_shard: dict[str, list[Range]] = {}
         for commit in self.commits:
-            for url, ranges in commit.ranges.items():
-                by_shard.setdefault(url, []).extend(ranges)
+            if generation is None or commit.generation == generation:
+                for url, ranges in commit.ranges.items():
+                    by_shard.setdefault(url, []).extend(ranges)
         return {url: merge_ranges(ranges) for url, ranges in by_shard.items()}
 
-    def shard_complete(self, url: str, committed: dict[str, list[Range]] | None = None) -> bool:
-        """Read to its end, and every one of its rows committed (pass committed_ranges() to reuse it)."""
-        done = self.shards_done.get(url)
+    def shard_complete(self, url: str, fingerprint: str, committed: dict[str, list[Range]]) -> bool:
+        """This version read to its end, and every one of its rows committed in `committed` (the
+        committed_ranges() of the generation it belongs to)."""
+        done = self.shards_done.get((url, fingerprint))
         if done is None:
             return False
-        committed = self.committed_ranges() if committed is None else committed
         return committed.get(url, []) == ([(0, done.rows)] if done.rows else [])
 
     @property
@@ -173,21 +186,34 @@ class OutputState:
         return dict(sorted(counts.items()))
 
     def failed_part_way(self) -> list[FileFailure]:
-        """Shards whose last read failed before their end (a later complete read supersedes a failure)."""
-        return [f for url, f in sorted(self.file_failures.items()) if url not in self.shards_done]
+        """Shards whose last read failed before their end (a later complete read of the same version
+        supersedes a failure; so does a newer version, once the current input is known)."""
+        failed = [f for key, f in sorted(self.file_failures.items()) if key not in self.shards_done]
+        if self.current is not None:
+            failed = [f for f in failed if self.current.get(f.url) == f.fingerprint]
+        return failed
 
     def unpublished(self, commit: CommitRecord) -> list[tuple[str, str]]:
         return [(staged, target) for staged, target in commit.files() if target not in self.published]
 
     def orphans(self) -> list[str]:
-        """Published files that no commit record names, sorted."""
+        """Published files that no commit record names (nor an interrupted vacuum), sorted."""
         named = {target for commit in self.commits for _, target in commit.files()}
-        return sorted(self.published - named)
+        return sorted(p for p in self.published - named if _part_of(p) not in self.vacuuming)
+
+    def vacuum_leftovers(self) -> list[str]:
+        """Files of parts an interrupted vacuum had withdrawn but not yet deleted."""
+        named = {commit.part for commit in self.commits}
+        return sorted(p for p in self.published if _part_of(p) in self.vacuuming - named)
 
     def uncommitted(self) -> list[str]:
         """Staged files that no commit record names, sorted."""
         named = {staged for commit in self.commits for staged, _ in commit.files()}
         return sorted(self.staged - named)
+
+
+def _part_of(path: str) -> str:
+    return name_of(path).removesuffix(".parquet")
 
 
 def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
@@ -219,19 +245,21 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
         add_read_record(state, json.loads(raw))
         state.records.append(path)
     read_checkpoint(fs, root, state)
+    if exists_now(fs, join(root, VACUUM)):
+        state.vacuuming = set(json.loads(fs.cat_file(join(root, VACUUM)))["parts"])
     for folder in (PARTS, ERRORS):
         state.published |= {f"{folder}/{name_of(p)}" for p in listing(fs, join(root, folder), ".parquet")}
     return state
 
 
 def add_read_record(state: OutputState, data: dict) -> None:
-    """Add what a read record says; a shard read to its end anywhere is no failure any more."""
+    """Add what a read record says; a version read to its end anywhere is no failure any more."""
     if "done" not in data and "failed" not in data:  # manifest version 1: one file per shard
         data = {"failed": [data]} if "reason" in data else {"done": [data]}
     for done in data.get("done", []):
-        state.shards_done[done["url"]] = ShardDone(done["url"], done["fingerprint"], done["rows"])
+        state.shards_done[done["url"], done["fingerprint"]] = ShardDone(done["url"], done["fingerprint"], done["rows"])
     for failed in data.get("failed", []):
-        state.file_failures[failed["url"]] = FileFailure(**failed)
+        state.file_failures[failed["url"], failed["fingerprint"]] = FileFailure(**failed)
 
 
 def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> str | None:

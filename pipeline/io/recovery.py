@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.compaction import COMPACT_AFTER_RECORDS, compact
-from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, exists_now, join, move
+from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, VACUUM, exists_now, join, move, remove_many
 from pipeline.io.manifest import CommitRecord, OutputState, read_state
 from pipeline.io.ranges import rows_to_ranges
 
@@ -72,6 +72,7 @@ def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> li
     if uncommitted or state.leftovers:
         log.info("removed %d uncommitted files left by an interrupted run", len(uncommitted) + len(state.leftovers))
     state.staged, state.leftovers = set(), []
+    finish_vacuum(fs, root, state)
     for target in state.orphans():
         part = target.rsplit("/", 1)[-1].removesuffix(".parquet")
         if exists_now(fs, join(root, COMMITS, f"{part}.json")):  # committed since the listing: not an orphan
@@ -83,6 +84,21 @@ def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> li
             "%s has no commit record: moved to %s/ (its rows are embedded again if missing)", target, QUARANTINE
         )
     return set_aside
+
+
+def finish_vacuum(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> None:
+    """Delete the files of parts an interrupted vacuum had withdrawn, then its note of them; a note
+    whose parts are all still committed waits for vacuum to be run again."""
+    if not state.vacuuming:
+        return
+    leftovers = state.vacuum_leftovers()
+    remove_many(fs, [join(root, target) for target in leftovers])
+    state.published -= set(leftovers)
+    if not state.vacuuming & {c.part for c in state.commits}:
+        remove_many(fs, [join(root, VACUUM)])
+        state.vacuuming = set()
+    if leftovers:
+        log.info("deleted %d files an interrupted vacuum had left", len(leftovers))
 
 
 def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool, lease_token: int = 0) -> RepairReport:

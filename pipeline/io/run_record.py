@@ -14,13 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import pipeline
 from pipeline.errors import OutputConflictError
@@ -38,15 +35,12 @@ from pipeline.io.layout import (
     RUN_RECORD,
     SHARDS,
     STAGING,
+    VACUUM,
     atomic_write,
     join,
-    parquet_bytes,
-    url_column,
-    urls_of,
 )
 from pipeline.io.manifest import OutputState
 from pipeline.io.schemas import output_schema
-from pipeline.io.shards import Shard
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -88,10 +82,8 @@ OUTPUT_ENTRIES = (
     QUARANTINE,
     DUPLICATES,
     INPUTS,
+    VACUUM,
     RUN_RECORD,
-)
-INPUTS_SCHEMA = pa.schema(
-    [("url", pa.binary()), ("format", pa.string()), ("size_bytes", pa.int64()), ("fingerprint", pa.string())]
 )
 MANIFEST_VERSION = 2
 
@@ -136,38 +128,11 @@ def read_run_record(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-def recorded_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> pa.Table:
-    """Every generation's input shards (INPUTS_SCHEMA), from _inputs/ or, in an older record, from the
-    record itself."""
-    tables = []
-    for generation in record["generations"]:
-        if "inputs" in generation:  # manifest version 1
-            tables.append(_inputs_table(generation["inputs"]))
-        else:
-            with fs.open(join(root, generation["inputs_file"]), "rb") as f:
-                tables.append(pq.read_table(f, schema=INPUTS_SCHEMA))
-    return pa.concat_tables(tables) if tables else INPUTS_SCHEMA.empty_table()
-
-
-def recorded_urls(inputs: pa.Table) -> list[str]:
-    return urls_of(inputs.column("url"))
-
-
-def _inputs_table(inputs: list[dict]) -> pa.Table:
-    """A version 1 record's inline inputs as INPUTS_SCHEMA."""
-    columns = {
-        "url": url_column([i["url"] for i in inputs]),
-        "format": [i.get("format") for i in inputs],
-        "size_bytes": [i.get("size_bytes") for i in inputs],
-        "fingerprint": [i["fingerprint"] for i in inputs],
-    }
-    return pa.table(columns, schema=INPUTS_SCHEMA)
-
-
 def open_run_record(
-    fs: fsspec.AbstractFileSystem, root: str, settings: dict, input_url: str, shards: list[Shard], state: OutputState
+    fs: fsspec.AbstractFileSystem, root: str, settings: dict, state: OutputState
 ) -> tuple[dict, OutputState]:
-    """Create the run record, or check a resumed run against it and add new shards as a generation.
+    """Create the run record, or check a resumed run's settings against it (generations.py then
+    says what the run does).
 
     Returns the record and the output's state, which is empty again when the output was reset because
     it held no embedding made with the old settings.
@@ -191,60 +156,15 @@ def open_run_record(
             record, state = None, OutputState()
     if record is None:
         record = {"pipeline_version": pipeline.__version__, "settings": settings, "generations": [], "runs": []}
-        _add_generation(fs, root, record, input_url, shards)
-        return record, state
-    inputs = recorded_inputs(fs, root, record)
-    known = dict(zip(recorded_urls(inputs), inputs.column("fingerprint").to_pylist(), strict=True))
-    changed = [s.url for s in shards if s.url in known and known[s.url] != s.fingerprint]
-    if changed:
-        raise InputChangedError(
-            f"{len(changed)} input shards changed since they were embedded into this output "
-            f"(first: {changed[0]}); use a new output location, or --overwrite to start again"
-        )
-    new = [s for s in shards if s.url not in known]
-    if new:
-        _add_generation(fs, root, record, input_url, new)
-        log.info("%d new shards since the last run: generation %d", len(new), len(record["generations"]) - 1)
+        save_run_record(fs, root, record)
     return record, state
 
 
-def _add_generation(fs: fsspec.AbstractFileSystem, root: str, record: dict, input_url: str, shards: list[Shard]):
-    """Its shards' file first, then the record that names it: a crash between leaves a file the next run
-    writes again."""
-    number = len(record["generations"])
-    inputs_file = f"{INPUTS}/{number:06d}.parquet"
-    table = pa.table(
-        {
-            "url": url_column([s.url for s in shards]),
-            "format": [s.format for s in shards],
-            "size_bytes": [s.size_bytes for s in shards],
-            "fingerprint": [s.fingerprint for s in shards],
-        },
-        schema=INPUTS_SCHEMA,
-    )
-    atomic_write(fs, join(root, inputs_file), parquet_bytes(table))
-    record["generations"].append(
-        {
-            "generation": number,
-            "input": input_url,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "shards": len(shards),
-            "bytes": sum(s.size_bytes for s in shards),
-            "inputs_file": inputs_file,
-        }
-    )
-    _save(fs, root, record)
+def save_run_record(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
+    """Write the record; a version 1 record's inline shard lists move to _inputs/ on the way."""
+    from pipeline.io.generations import upgrade_inputs  # generations builds on this module
 
-
-def _save(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
-    """Write the record; an older one's inline shard lists move to _inputs/ on the way."""
-    for generation in record["generations"]:
-        if "inputs" in generation:
-            inputs = generation.pop("inputs")
-            generation["inputs_file"] = f"{INPUTS}/{generation['generation']:06d}.parquet"
-            generation["shards"] = len(inputs)
-            table = _inputs_table(inputs)
-            atomic_write(fs, join(root, generation["inputs_file"]), parquet_bytes(table))
+    upgrade_inputs(fs, root, record)
     record["manifest_version"] = MANIFEST_VERSION
     atomic_write(fs, join(root, RUN_RECORD), json.dumps(record, indent=2).encode())
 
@@ -259,7 +179,7 @@ def append_run(fs: fsspec.AbstractFileSystem, root: str, summary) -> None:
     """Add a finished run's summary (a dataclass) to the record."""
     record = read_run_record(fs, root)
     record["runs"].append(asdict(summary))
-    _save(fs, root, record)
+    save_run_record(fs, root, record)
 
 
 def remove_output(fs: fsspec.AbstractFileSystem, root: str) -> None:

@@ -15,7 +15,7 @@ from pipeline.io.layout import COMMITS, STAGING, atomic_write, exists_now, join,
 from pipeline.io.lease import check_lease
 from pipeline.io.manifest import CommitRecord
 from pipeline.io.recovery import ranges_of
-from pipeline.io.schemas import split_dead_letters
+from pipeline.io.schemas import split_dead_letters, with_generation
 from pipeline.io.storage import filesystem_for
 
 
@@ -44,10 +44,10 @@ class CommittedParquetSink(Datasink):
         table = pa.concat_tables(tables)
         fs, root = filesystem_for(self.output_url, self.storage)
         ranges = ranges_of(table)
-        embedded, errors = split_dead_letters(table)
+        embedded, errors = (with_generation(t, self.generation) for t in split_dead_letters(table))
         reasons = pc.value_counts(errors.column("reason")).to_pylist() if errors.num_rows else []
         commit = CommitRecord(
-            part_name(ranges),
+            part_name(ranges, self.generation),
             table.num_rows,
             ranges,
             self.generation,

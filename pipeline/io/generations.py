@@ -1,0 +1,212 @@
+"""The input's generations: which version of every shard the output holds, and what a run has to do.
+
+Each generation is a file, _inputs/<generation>.parquet, of the shards it added, changed (their new
+fingerprint: re-embedded whole) or deleted, and an entry in the run record with its counts. A
+shard's *current* version is its entry in the latest generation that names it; a deleted one has
+none. Every committed part belongs to one generation, so a row is current exactly when its (shard,
+generation) is a current shard's: the current view (current.py) needs no rewrite of old parts.
+
+A run first finishes every generation that has work left (a crashed run's, or a refresh killed half
+way), oldest first; only then does it add a generation for what changed in the listing: new shards
+always, changed and deleted ones with --refresh (without it, a changed shard is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
+from pipeline.io.manifest import OutputState
+from pipeline.io.shards import Shard
+
+log = logging.getLogger(__name__)
+
+ADDED, CHANGED, DELETED = "added", "changed", "deleted"
+INPUTS_SCHEMA = pa.schema(
+    [
+        ("url", pa.binary()),  # layout.url_column: exact, even for a file name that is not UTF-8
+        ("shard", pa.string()),  # the URL as text, as parts/ and errors/ hold it in their shard column
+        ("format", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("fingerprint", pa.string()),
+        ("generation", pa.int32()),
+        ("change", pa.string()),  # added | changed | deleted
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Version:
+    """A shard's current version: the generation that added or last changed it, and its fingerprint."""
+
+    generation: int
+    fingerprint: str
+    format: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Changes:
+    added: list[Shard]
+    changed: list[Shard]
+    deleted: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.deleted)
+
+    def counts(self) -> dict[str, int]:
+        return {ADDED: len(self.added), CHANGED: len(self.changed), DELETED: len(self.deleted)}
+
+
+def recorded_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> pa.Table:
+    """Every generation's entries (INPUTS_SCHEMA), from _inputs/ or, in a version 1 record, from the
+    record itself."""
+    tables = []
+    for generation in record["generations"]:
+        if "inputs" in generation:  # manifest version 1: every shard added, none changed
+            tables.append(inputs_table(generation["inputs"], generation["generation"]))
+        else:
+            with fs.open(join(root, generation["inputs_file"]), "rb") as f:
+                tables.append(pq.read_table(f, schema=INPUTS_SCHEMA))
+    return pa.concat_tables(tables) if tables else INPUTS_SCHEMA.empty_table()
+
+
+def current_inputs(inputs: pa.Table) -> dict[str, Version]:
+    """URL -> current version, for every shard not deleted (entries are in generation order)."""
+    current: dict[str, Version] = {}
+    columns = (
+        urls_of(inputs.column("url")),
+        inputs.column("generation").to_pylist(),
+        inputs.column("fingerprint").to_pylist(),
+        inputs.column("format").to_pylist(),
+        inputs.column("size_bytes").to_pylist(),
+        inputs.column("change").to_pylist(),
+    )
+    for url, generation, fingerprint, fmt, size, change in zip(*columns, strict=True):
+        if change == DELETED:
+            current.pop(url, None)
+        else:
+            current[url] = Version(generation, fingerprint, fmt, size or 0)
+    return current
+
+
+def live_shards(inputs: pa.Table) -> pa.Table:
+    """(shard, generation) of every current shard: a row of a part is current exactly when its shard
+    and its part's generation are a pair of this table."""
+    current = current_inputs(inputs)
+    return pa.table(
+        {
+            "shard": [_text(url) for url in current],
+            "generation": pa.array([v.generation for v in current.values()], pa.int32()),
+        }
+    )
+
+
+def unfinished_work(state: OutputState, current: dict[str, Version], listed: list[Shard]) -> dict[int, list[Shard]]:
+    """Generation -> its current shards not yet complete, where the listing still shows that version
+    (one that changed or vanished since is left to the next generation)."""
+    by_generation: dict[int, list[Shard]] = {}
+    committed: dict[int, dict] = {}
+    for shard in listed:
+        version = current.get(shard.url)
+        if version is None or version.fingerprint != shard.fingerprint:
+            continue
+        if version.generation not in committed:
+            committed[version.generation] = state.committed_ranges(version.generation)
+        if not state.shard_complete(shard.url, shard.fingerprint, committed[version.generation]):
+            by_generation.setdefault(version.generation, []).append(shard)
+    return dict(sorted(by_generation.items()))
+
+
+def changes_since(current: dict[str, Version], listed: list[Shard]) -> Changes:
+    """What the listing adds to, changes in and removes from the current input."""
+    urls = {s.url for s in listed}
+    return Changes(
+        added=[s for s in listed if s.url not in current],
+        changed=[s for s in listed if s.url in current and current[s.url].fingerprint != s.fingerprint],
+        deleted=sorted(url for url in current if url not in urls),
+    )
+
+
+def add_generation(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, input_url: str, changes: Changes, *, refresh: bool
+) -> int:
+    """Record a new generation: its entries' file first, then the run record naming it (a crash between
+    leaves a file the next run writes again). Returns its number."""
+    from pipeline.io.run_record import save_run_record
+
+    number = len(record["generations"])
+    entries = [(s, ADDED) for s in changes.added] + [(s, CHANGED) for s in changes.changed]
+    table = pa.table(
+        {
+            "url": url_column([s.url for s, _ in entries] + changes.deleted),
+            "shard": [_text(s.url) for s, _ in entries] + [_text(u) for u in changes.deleted],
+            "format": [s.format for s, _ in entries] + [None] * len(changes.deleted),
+            "size_bytes": [s.size_bytes for s, _ in entries] + [None] * len(changes.deleted),
+            "fingerprint": [s.fingerprint for s, _ in entries] + [None] * len(changes.deleted),
+            "generation": pa.array([number] * (len(entries) + len(changes.deleted)), pa.int32()),
+            "change": [c for _, c in entries] + [DELETED] * len(changes.deleted),
+        },
+        schema=INPUTS_SCHEMA,
+    )
+    inputs_file = f"{INPUTS}/{number:06d}.parquet"
+    atomic_write(fs, join(root, inputs_file), parquet_bytes(table))
+    record["generations"].append(
+        {
+            "generation": number,
+            "input": input_url,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "refresh": refresh,
+            "shards": len(entries),
+            "bytes": sum(s.size_bytes for s, _ in entries),
+            **{f"shards_{kind}": n for kind, n in changes.counts().items()},
+            "inputs_file": inputs_file,
+        }
+    )
+    save_run_record(fs, root, record)
+    return number
+
+
+def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
+    """A version 1 record's inline shard lists, moved to _inputs/ (the record is saved by the caller)."""
+    for generation in record["generations"]:
+        if "inputs" in generation:
+            inputs = generation.pop("inputs")
+            generation["inputs_file"] = f"{INPUTS}/{generation['generation']:06d}.parquet"
+            generation["shards"] = generation["shards_added"] = len(inputs)
+            table = inputs_table(inputs, generation["generation"])
+            atomic_write(fs, join(root, generation["inputs_file"]), parquet_bytes(table))
+
+
+def inputs_table(inputs: list[dict], generation: int) -> pa.Table:
+    """Shards a version 1 record listed inline, as added entries of INPUTS_SCHEMA."""
+    columns = {
+        "url": url_column([i["url"] for i in inputs]),
+        "shard": [_text(i["url"]) for i in inputs],
+        "format": [i.get("format") for i in inputs],
+        "size_bytes": [i.get("size_bytes") for i in inputs],
+        "fingerprint": [i["fingerprint"] for i in inputs],
+        "generation": pa.array([generation] * len(inputs), pa.int32()),
+        "change": [ADDED] * len(inputs),
+    }
+    return pa.table(columns, schema=INPUTS_SCHEMA)
+
+
+def generation_rows(state: OutputState) -> dict[int, int]:
+    """Committed rows (embedded and dead-lettered) by generation."""
+    rows: dict[int, int] = {}
+    for commit in state.commits:
+        rows[commit.generation] = rows.get(commit.generation, 0) + commit.rows
+    return rows
+
+
+def _text(url: str) -> str:
+    # A name that is not UTF-8 never has rows (it fails as invalid_file_name), so its text form only
+    # has to be readable.
+    return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

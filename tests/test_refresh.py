@@ -1,0 +1,225 @@
+"""Scheduled refreshes: new, rewritten and deleted shards become a generation; the current view equals a
+from-scratch run over the new corpus; a refresh killed at any point and re-run, and vacuum, keep it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from corpus import jsonl_bytes, make_docs
+
+from pipeline.config import StorageConfig, load_config
+from pipeline.io.current import current_rows, export_current
+from pipeline.io.layout import PARTS
+from pipeline.job import run_embedding_job
+from pipeline.status import output_status
+from pipeline.vacuum import vacuum_output
+from pipeline.verify import verify_output
+
+RUN_TIMEOUT_S = 180
+
+
+def first_corpus() -> dict[str, list[dict]]:
+    return {f"s{i}.jsonl": make_docs(12, seed=300 + i, prefix=f"s{i}-") for i in range(8)}
+
+
+def refreshed(corpus: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Two shards added, one rewritten (rows changed, one deleted, one added), one deleted."""
+    new = dict(corpus)
+    new["t0.jsonl"] = make_docs(7, seed=400, prefix="t0-")
+    new["t1.jsonl"] = make_docs(5, seed=401, prefix="t1-")
+    rewritten = [dict(d) for d in corpus["s2.jsonl"]]
+    rewritten[0]["text"] = "an edited first document"
+    rewritten[3]["text"] = "another edit, longer than it was before the refresh"
+    del rewritten[5]
+    rewritten.append({"id": "s2-added", "text": "a document added to a rewritten shard"})
+    new["s2.jsonl"] = rewritten
+    del new["s5.jsonl"]
+    return new
+
+
+def write(fs, folder: str, corpus: dict[str, list[dict]]) -> None:
+    fs.makedirs(folder, exist_ok=True)
+    if fs.exists(folder):
+        for path in fs.ls(folder):
+            if path.rsplit("/", 1)[-1] not in corpus:
+                fs.rm(path)
+    for name, docs in corpus.items():
+        fs.pipe(f"{folder}/{name}", jsonl_bytes(docs))
+
+
+def view(url: str, storage: StorageConfig | None = None) -> dict[str, np.ndarray]:
+    table = current_rows(url, storage, columns=["id", "embedding"]).read_all()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "a current view holds each id once"
+    return dict(zip(ids, np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), strict=True))
+
+
+def assert_same_view(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for doc_id, vector in want.items():
+        np.testing.assert_allclose(got[doc_id], vector, atol=1e-6, err_msg=doc_id)
+
+
+def run(input_url: str, output_url: str, model, storage: StorageConfig | None = None, **settings):
+    config = {"input": input_url, "output": output_url, "model": str(model), "id_field": "id", **settings}
+    if storage is not None:
+        config["storage"] = {"endpoint_url": storage.endpoint_url}
+    return run_embedding_job(load_config(None, config))
+
+
+def test_a_refresh_embeds_only_what_changed_and_its_current_view_equals_a_fresh_run(
+    ray_local, s3, s3_endpoint, tiny_checkpoint
+):
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    bucket = s3.bucket
+    corpus = first_corpus()
+    write(s3, f"{bucket}/in", corpus)
+    out = f"s3://{bucket}/out"
+    run(f"s3://{bucket}/in", out, tiny_checkpoint, storage)
+
+    with pytest.raises(Exception, match="--refresh"):  # changed input without --refresh: refused, naming it
+        write(s3, f"{bucket}/in", refreshed(corpus))
+        run(f"s3://{bucket}/in", out, tiny_checkpoint, storage)
+    new = refreshed(corpus)
+    summary = run(f"s3://{bucket}/in", out, tiny_checkpoint, storage, refresh=True)
+
+    changed_rows = len(new["t0.jsonl"]) + len(new["t1.jsonl"]) + len(new["s2.jsonl"])
+    assert summary.documents == changed_rows  # the model embedded those rows and no others
+    assert summary.generation == 1 and summary.changes == {"added": 2, "changed": 1, "deleted": 1}
+    status = output_status(out, storage)
+    assert [(g["added"], g["changed"], g["deleted"]) for g in status["generations"]] == [(8, 0, 0), (2, 1, 1)]
+    assert status["generations"][1]["rows_committed"] == changed_rows and status["shards"] == 9
+    assert status["shards_complete"] == 9
+    report = verify_output(out, storage)
+    assert report.ok, report.problems
+    assert any("superseded" in fact for fact in report.facts)
+
+    write(s3, f"{bucket}/fresh-in", new)
+    run(f"s3://{bucket}/fresh-in", f"s3://{bucket}/fresh-out", tiny_checkpoint, storage)
+    assert_same_view(view(out, storage), view(f"s3://{bucket}/fresh-out", storage))
+
+    # Nothing changed: no model work, said in the summary; the view is the same.
+    again = run(f"s3://{bucket}/in", out, tiny_checkpoint, storage, refresh=True)
+    assert again.already_complete and again.documents == 0 and again.changes is None
+    assert len(output_status(out, storage)["generations"]) == 2
+
+    # export writes the current view as plain Parquet.
+    files, rows = export_current(out, f"s3://{bucket}/export", storage)
+    assert files == 1 and rows == sum(len(d) for d in new.values())
+
+
+def embed_process(input_dir, output_dir, model, *extra: str, failpoint: str | None = None, once=None) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    if failpoint:
+        env["NEOBERT_PIPELINE_FAILPOINT"] = failpoint
+        env["NEOBERT_PIPELINE_FAILPOINT_ONCE"] = str(once)
+    command = [sys.executable, "-m", "pipeline.cli", "embed", str(input_dir), str(output_dir), "--model", str(model)]
+    command += ["--id-field", "id", "--num-cpus", "2", "--tokens-per-batch", "256", "--quiet", *extra]
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if process.returncode not in (0, -signal.SIGKILL):
+        print(output.decode(errors="replace")[-5000:])
+    return process.returncode
+
+
+@pytest.mark.timeout(4 * RUN_TIMEOUT_S)
+def test_a_refresh_killed_after_a_commit_and_run_again_gives_the_same_current_view(
+    ray_local, tmp_path, tiny_checkpoint
+):
+    kill_refresh_and_rerun(tmp_path, tiny_checkpoint, ["sink.after_commit"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10 * RUN_TIMEOUT_S)
+def test_a_refresh_killed_at_every_step_and_run_again_gives_the_same_current_view(ray_local, tmp_path, tiny_checkpoint):
+    kill_refresh_and_rerun(tmp_path, tiny_checkpoint, ["read", "embed", "sink.after_stage", "sink.after_commit"])
+
+
+def kill_refresh_and_rerun(tmp_path, tiny_checkpoint, points: list[str]) -> None:
+    """Refresh a copy of one output per failpoint, killed there with SIGKILL, then run again: each copy's
+    current view is the same, and verify passes."""
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    corpus = first_corpus()
+    write(fs, str(tmp_path / "in"), corpus)
+    base = tmp_path / "base"
+    assert embed_process(tmp_path / "in", base, tiny_checkpoint) == 0
+    write(fs, str(tmp_path / "in"), refreshed(corpus))
+    assert embed_process(tmp_path / "in", tmp_path / "base-refreshed", tiny_checkpoint) == 0
+    want = view(str(tmp_path / "base-refreshed"))  # a fresh run over the refreshed corpus
+    for point in points:
+        out = tmp_path / f"out-{point}"
+        shutil.copytree(base, out)
+        once = tmp_path / f"fired-{point}"
+        extra = ("--refresh",)
+        killed = embed_process(tmp_path / "in", out, tiny_checkpoint, *extra, failpoint=point, once=once)
+        assert killed == -signal.SIGKILL and once.exists(), point
+        assert embed_process(tmp_path / "in", out, tiny_checkpoint, *extra) == 0, point
+        report = verify_output(str(out))
+        assert report.ok, (point, report.problems)
+        assert_same_view(view(str(out)), want)
+    assert len(want) == sum(len(d) for d in refreshed(corpus).values())
+
+
+def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_when_killed(
+    ray_local, tmp_path, tiny_checkpoint
+):
+    import fsspec
+
+    from pipeline.faults import SimulatedCrash, crash_at
+
+    fs = fsspec.filesystem("file")
+    corpus = first_corpus()
+    write(fs, str(tmp_path / "in"), corpus)
+    out = str(tmp_path / "out")
+    run(str(tmp_path / "in"), out, tiny_checkpoint)
+    for round_ in range(3):  # each night rewrites one shard and deletes another
+        corpus = dict(corpus)
+        corpus[f"s{round_}.jsonl"] = make_docs(9, seed=500 + round_, prefix=f"s{round_}-")
+        del corpus[f"s{7 - round_}.jsonl"]
+        write(fs, str(tmp_path / "in"), corpus)
+        run(str(tmp_path / "in"), out, tiny_checkpoint, refresh=True)
+    before = view(out)
+    parts_before = sorted(p.name for p in (tmp_path / "out" / PARTS).iterdir())
+
+    planned = vacuum_output(out, dry_run=True)
+    assert planned.parts and sorted(p.name for p in (tmp_path / "out" / PARTS).iterdir()) == parts_before
+    with crash_at("vacuum.after_checkpoint"), pytest.raises(SimulatedCrash):
+        vacuum_output(out)
+    report = verify_output(out)
+    assert report.ok, report.problems  # withdrawn parts' files are known leftovers, not orphans
+    assert_same_view(view(out), before)
+    done = vacuum_output(out)
+    assert done.parts == []  # the interrupted vacuum's withdrawal stands; its leftovers are now gone
+    left = sorted(p.stem for p in (tmp_path / "out" / PARTS).iterdir())
+    assert not set(left) & set(planned.parts) and set(left) < {p.removesuffix(".parquet") for p in parts_before}
+    assert_same_view(view(out), before)
+    report = verify_output(out)
+    assert report.ok, report.problems
+    # What is left: parts holding a current row (maybe beside superseded ones), or of the newest generation.
+    from pipeline.io.current import current_shards
+    from pipeline.io.generations import current_inputs, recorded_inputs
+    from pipeline.io.manifest import read_state
+    from pipeline.io.run_record import read_run_record
+    from pipeline.io.storage import filesystem_for
+
+    fs_out, root = filesystem_for(out, StorageConfig())
+    current = current_inputs(recorded_inputs(fs_out, root, read_run_record(fs_out, root)))
+    assert all(current_shards(c, current) or c.generation == 3 for c in read_state(fs_out, root).commits)
