@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from pipeline.encoder import Encoder
 
 __all__ = ["Encoder"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -174,16 +174,16 @@ def test_settings_are_pinned_by_the_first_committed_embedding_not_before(tmp_pat
     fs, root = filesystem_for(str(tmp_path / "out"), StorageConfig())
     shards = [Shard("file:///in/a.jsonl", "a.jsonl", "jsonl", 10, "size=10")]
     settings = {**dict.fromkeys(PINNED_SETTINGS), "model_weights_sha256": "w", "pooling": "cls"}
-    open_run_record(fs, root, settings, "in", shards, OutputState())
+    open_run_record(fs, root, settings, OutputState())
     mean = {**settings, "pooling": "mean"}
     # A run that committed nothing, or only dead letters, does not pin its settings.
     dead_letters_only = OutputState(commits=[CommitRecord("p1", 3, {shards[0].url: [(0, 3)]}, 0, {"empty_text": 3})])
-    record, state = open_run_record(fs, root, mean, "in", shards, dead_letters_only)
+    record, state = open_run_record(fs, root, mean, dead_letters_only)
     assert record["settings"]["pooling"] == "mean" and state.commits == []
     assert read_run_record(fs, root)["settings"]["pooling"] == "mean"
     embedded = OutputState(commits=[CommitRecord("p2", 3, {shards[0].url: [(0, 3)]}, 0, {"empty_text": 1})])
     with pytest.raises(SettingsMismatchError, match="pooling: stored 'mean', now 'cls'"):
-        open_run_record(fs, root, settings, "in", shards, embedded)
+        open_run_record(fs, root, settings, embedded)
 
 
 def test_missing_s3_credentials_end_in_one_line_that_says_what_was_tried(s3, s3_endpoint, tmp_path, tiny_checkpoint):

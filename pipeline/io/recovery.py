@@ -160,13 +160,19 @@ def part_mismatch(commit: CommitRecord, tables: dict[str, pa.Table], *, chunks: 
 
 
 def ranges_of(table: pa.Table) -> dict[str, list[tuple[int, int]]]:
-    """Which (shard, rows) a table holds, as merged row ranges per shard URL."""
-    ranges = {}
-    shards = table.column("shard")
-    for url in pc.unique(shards).to_pylist():
-        rows = table.column("row").filter(pc.equal(shards, url)).to_numpy()
-        ranges[url] = rows_to_ranges(rows)
-    return ranges
+    """Which (shard, rows) a table holds, as merged row ranges per shard URL.
+
+    One grouping pass: a part of many small shards must not cost a filter of the whole part per shard.
+    """
+    if table.num_rows == 0:
+        return {}
+    grouped = table.select(["shard", "row"]).group_by("shard", use_threads=False).aggregate([("row", "list")])
+    return {
+        url: rows_to_ranges(rows.values.to_numpy())
+        for url, rows in zip(
+            grouped.column("shard").to_pylist(), grouped.column("row_list").combine_chunks(), strict=True
+        )
+    }
 
 
 def _quarantine_commit(
