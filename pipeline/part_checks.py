@@ -66,13 +66,7 @@ def repeated_ids(
     with current rows, and the shards whose rows in it are current."""
     if not current_parts:
         return 0, []
-    table = pa.table(
-        {
-            "commit": [c.to_json() for c, _ in current_parts],
-            "live": pa.array([shards for _, shards in current_parts], pa.list_(pa.string())),
-        }
-    )
-    ids = _dataset(table).map_batches(
+    ids = _dataset(_current_parts_table(current_parts)).map_batches(
         _ids_batch,
         batch_size=PARTS_PER_TASK,
         batch_format="pyarrow",
@@ -83,6 +77,32 @@ def repeated_ids(
     repeated = counted.map_batches(_more_than_once, batch_format="pyarrow").materialize()
     found = repeated.count()
     return found, [r["id"] for r in repeated.take(examples)] if found else []
+
+
+def repeated_ids_here(
+    output_url: str,
+    storage: StorageConfig,
+    current_parts: list[tuple[CommitRecord, list[str]]],
+    *,
+    chunks: bool,
+    examples: int,
+) -> tuple[int, list[str]]:
+    """repeated_ids in this process, for a small output (verify's local_rows): its ids fit in memory."""
+    if not current_parts:
+        return 0, []
+    ids = _ids_batch(_current_parts_table(current_parts), output_url=output_url, storage=storage, chunks=chunks)
+    counts = pc.value_counts(ids.column("id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return len(repeated), repeated.to_pylist()[:examples]
+
+
+def _current_parts_table(current_parts: list[tuple[CommitRecord, list[str]]]) -> pa.Table:
+    return pa.table(
+        {
+            "commit": [c.to_json() for c, _ in current_parts],
+            "live": pa.array([shards for _, shards in current_parts], pa.list_(pa.string())),
+        }
+    )
 
 
 def _more_than_once(counts: pa.Table) -> pa.Table:

@@ -18,11 +18,14 @@ from pipeline.io.run_record import read_run_record
 from pipeline.io.schemas import ERROR_ROWS_SCHEMA, ERRORS_SCHEMA, output_schema
 from pipeline.io.shards import discover_shards
 from pipeline.io.storage import filesystem_for
-from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, schema_shape
+from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, repeated_ids_here, schema_shape
 from pipeline.ray_session import ray_for_checks
 from pipeline.summary import bad_row_rate
 
 MAX_LISTED = 5
+# Outputs up to this many rows are checked in this process: their ids fit in a few MB, and starting
+# a local Ray would take longer than the whole check.
+LOCAL_CHECK_ROWS = 100_000
 
 
 @dataclass
@@ -38,18 +41,24 @@ class VerifyReport:
 
 
 def verify_output(
-    output_url: str, storage: StorageConfig | None = None, *, check_inputs: bool = True, sample: int | None = None
+    output_url: str,
+    storage: StorageConfig | None = None,
+    *,
+    check_inputs: bool = True,
+    sample: int | None = None,
+    local_rows: int = LOCAL_CHECK_ROWS,
 ) -> VerifyReport:
     """Every input row exactly once in committed parts; no orphans; the schema the run record names.
 
-    The parts are read on the Ray cluster (the caller's Ray, RAY_ADDRESS, or a local one), or, with
-    sample, only that many random parts, here. Never raises for what it finds: an unreadable part or
-    an unreachable store is a problem in the report.
+    The parts of an output of more than local_rows rows are read on the Ray cluster (the caller's
+    Ray, RAY_ADDRESS, or a local one); a smaller output's, or with sample that many random parts,
+    here. Never raises for what it finds: an unreadable part or an unreachable store is a problem in
+    the report.
     """
     storage = storage or StorageConfig()
     report = VerifyReport()
     try:
-        _verify(output_url, storage, check_inputs, sample, report)
+        _verify(output_url, storage, check_inputs, sample, local_rows, report)
     except Exception as err:
         found = as_pipeline_error(err)
         if found is None:
@@ -72,7 +81,7 @@ def repair_output(output_url: str, storage: StorageConfig | None = None, *, wait
         return repair(fs, root, chunks=chunks, lease_token=lease.token)
 
 
-def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample: int | None, report) -> None:
+def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample: int | None, local_rows, report):
     fs, root = filesystem_for(output_url, storage)
     record = read_run_record(fs, root)
     if record is None:
@@ -83,7 +92,7 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
     current = current_inputs(inputs)
     state.current = {url: version.fingerprint for url, version in current.items()}
     _check_files(state, report)
-    _check_part_contents(output_url, storage, state, record["settings"], current, sample, report)
+    _check_part_contents(output_url, storage, state, record["settings"], current, sample, local_rows, report)
 
     # Every version of every shard: its rows committed at most once in its generation; the current
     # version's every row committed exactly once (embedded or dead-lettered).
@@ -155,10 +164,11 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
 
 
 def _check_part_contents(
-    output_url, storage, state: OutputState, settings: dict, current: dict, sample: int | None, report
+    output_url, storage, state: OutputState, settings: dict, current: dict, sample: int | None, local_rows, report
 ) -> None:
     """Each published part holds exactly its record's rows in the recorded schema; no id in two current
-    rows. On the cluster (part_checks.py), or for a random sample of parts here."""
+    rows. On the cluster (part_checks.py); here for an output of at most local_rows rows, or for a
+    random sample of parts."""
     chunks = settings.get("long_documents") == "chunk"
     expected = {
         # Parts written before manifest version 2 have no generation column: both are right.
@@ -169,22 +179,27 @@ def _check_part_contents(
         ERRORS: [schema_shape(ERRORS_SCHEMA), schema_shape(ERROR_ROWS_SCHEMA)],
     }
     published = [c for c in state.commits if not state.unpublished(c)]
+    current_parts = [(c, shards) for c in published if c.embedded_rows and (shards := current_shards(c, current))]
+    policy = settings.get("duplicate_ids", "keep")
+    # Without an id field, ids are shard#row: unique exactly when every row is committed once.
+    check_ids = bool(settings.get("id_field"))
     if sample is not None:
         chosen = random.sample(published, min(sample, len(published)))
         found = check_parts_here(output_url, storage, chosen, expected, chunks=chunks)
         report.facts.append(
             f"sampled {len(chosen)} of {len(published)} parts; ids were not checked for repeats (a full verify does)"
         )
+    elif state.committed_rows <= local_rows:  # small: here, in less time than Ray takes to start
+        found = check_parts_here(output_url, storage, published, expected, chunks=chunks)
+        if check_ids:
+            repeated = repeated_ids_here(output_url, storage, current_parts, chunks=chunks, examples=MAX_LISTED)
+            _report_repeats(*repeated, policy, report)
     else:
         with ray_for_checks():
             found = check_parts(output_url, storage, published, expected, chunks=chunks)
-            if settings.get("id_field"):
-                live = [(c, current_shards(c, current)) for c in published if c.embedded_rows]
-                repeated, shown = repeated_ids(
-                    output_url, storage, [(c, s) for c, s in live if s], chunks=chunks, examples=MAX_LISTED
-                )
-                _report_repeats(repeated, shown, settings.get("duplicate_ids", "keep"), report)
-            # Without an id field, ids are shard#row: unique exactly when every row is committed once.
+            if check_ids:
+                repeated = repeated_ids(output_url, storage, current_parts, chunks=chunks, examples=MAX_LISTED)
+                _report_repeats(*repeated, policy, report)
     report.problems.extend(problem for _, problem in sorted(found))
 
 

@@ -100,9 +100,10 @@ def test_a_refresh_embeds_only_what_changed_and_its_current_view_equals_a_fresh_
     assert [(g["added"], g["changed"], g["deleted"]) for g in status["generations"]] == [(8, 0, 0), (2, 1, 1)]
     assert status["generations"][1]["rows_committed"] == changed_rows and status["shards"] == 9
     assert status["shards_complete"] == 9
-    report = verify_output(out, storage)
+    report = verify_output(out, storage, local_rows=0)  # on Ray, as a big output is
     assert report.ok, report.problems
     assert any("superseded" in fact for fact in report.facts)
+    assert report.facts == verify_output(out, storage).facts
 
     write(s3, f"{bucket}/fresh-in", new)
     run(f"s3://{bucket}/fresh-in", f"s3://{bucket}/fresh-out", tiny_checkpoint, storage)
@@ -233,9 +234,9 @@ def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_w
     write(fs, str(tmp_path / "in"), corpus)
     out = str(tmp_path / "out")
     run(str(tmp_path / "in"), out, tiny_checkpoint)
-    for round_ in range(3):  # each night rewrites one shard and deletes another
+    for round_ in range(3):  # each night rewrites s0 again and deletes another shard
         corpus = dict(corpus)
-        corpus[f"s{round_}.jsonl"] = make_docs(9, seed=500 + round_, prefix=f"s{round_}-")
+        corpus["s0.jsonl"] = make_docs(9, seed=500 + round_, prefix="s0-")
         del corpus[f"s{7 - round_}.jsonl"]
         write(fs, str(tmp_path / "in"), corpus)
         run(str(tmp_path / "in"), out, tiny_checkpoint, refresh=True)
@@ -244,6 +245,13 @@ def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_w
     assert sorted(duckdb_current_ids(out)) == sorted(before)  # the README's query gives the same view
 
     planned = vacuum_output(out, dry_run=True)
+    # Generations 1 and 2 hold only s0's versions that generation 3 replaced: those parts, nothing else.
+    from pipeline.io.manifest import read_state
+    from pipeline.io.storage import filesystem_for
+
+    fs_out, root = filesystem_for(out, StorageConfig())
+    commits = read_state(fs_out, root).commits
+    assert sorted(planned.parts) == sorted(c.part for c in commits if c.generation in (1, 2))
     assert planned.parts and sorted(p.name for p in (tmp_path / "out" / PARTS).iterdir()) == parts_before
     with crash_at("vacuum.after_checkpoint"), pytest.raises(SimulatedCrash):
         vacuum_output(out)
@@ -260,10 +268,7 @@ def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_w
     # What is left: parts holding a current row (maybe beside superseded ones), or of the newest generation.
     from pipeline.io.current import current_shards
     from pipeline.io.generations import current_inputs, recorded_inputs
-    from pipeline.io.manifest import read_state
     from pipeline.io.run_record import read_run_record
-    from pipeline.io.storage import filesystem_for
 
-    fs_out, root = filesystem_for(out, StorageConfig())
     current = current_inputs(recorded_inputs(fs_out, root, read_run_record(fs_out, root)))
     assert all(current_shards(c, current) or c.generation == 3 for c in read_state(fs_out, root).commits)
