@@ -41,7 +41,7 @@ INPUTS_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
 class Version:
     """A shard's current version: the generation that added or last changed it, and its fingerprint."""
 

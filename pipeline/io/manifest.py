@@ -102,7 +102,7 @@ class CommitRecord:
         return files
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
 class FileFailure:
     """A shard that could not be read to its end: the rows before the failure are committed as usual."""
 
@@ -113,7 +113,7 @@ class FileFailure:
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
 class ShardDone:
     """A shard read to its end."""
 

@@ -17,7 +17,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
 class Shard:
     """One input file: where it is, how to read it, and what it looked like when listed."""
 
