@@ -60,7 +60,7 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
                 "generation": g["generation"],
                 "created": g.get("created"),
                 "refresh": g.get("refresh", False),
-                **{kind: g.get(f"shards_{kind}", g["shards"] if kind == "added" else 0) for kind in CHANGES},
+                **{kind: g.get(f"shards_{kind}", _added_v1(g) if kind == ADDED else 0) for kind in CHANGES},
                 "rows_committed": rows_by_generation.get(g["generation"], 0),
             }
             for g in record["generations"]
@@ -71,3 +71,8 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "writer": writer,
         "unfinished_run": unfinished,
     }
+
+
+def _added_v1(generation: dict) -> int:
+    """Shards a generation recorded before refreshes existed added (it could only add)."""
+    return generation.get("shards", len(generation.get("inputs", [])))

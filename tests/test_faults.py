@@ -7,23 +7,18 @@ would, and a second run must finish the job with `verify` passing.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_process import RUN_TIMEOUT_S, embed_process
 from conftest import after_first_commit, start_test_ray
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.io.layout import COMMITS, PARTS
 from pipeline.verify import verify_output
-
-RUN_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +30,6 @@ def corpus(tmp_path_factory):
         docs |= {d["id"]: d["text"] for d in part}
         (folder / f"part-{shard}.jsonl.gz").write_bytes(jsonl_bytes(part, "gz"))
     return folder, docs
-
-
-def embed(input_dir, output_dir, model, *, failpoint: str | None = None, target: str = "driver", once=None):
-    """Run the CLI to completion or to its failpoint; return its exit code. Nothing outlives it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    if failpoint:
-        env["NEOBERT_PIPELINE_FAILPOINT"] = failpoint
-        env["NEOBERT_PIPELINE_FAILPOINT_ONCE"] = str(once)
-        if target == "worker":
-            env["NEOBERT_PIPELINE_DRIVER_PID"] = "0"  # nobody to kill but the worker itself
-    command = [
-        *(sys.executable, "-m", "pipeline.cli", "embed", str(input_dir), str(output_dir)),
-        *("--model", str(model), "--id-field", "id", "--num-cpus", "2"),
-        *("--tokens-per-batch", "512", "--rows-per-tokenize-batch", "64", "--target-file-mb", "0.03"),
-    ]
-    process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # the driver's Ray processes die with it, like a machine
-        except ProcessLookupError:
-            pass
-    if process.returncode not in (0, -signal.SIGKILL):
-        print(output.decode(errors="replace")[-5000:])
-    return process.returncode
 
 
 def assert_complete_and_correct(output_dir, docs, tiny_encoder):
@@ -83,13 +49,13 @@ def test_driver_killed_at_any_point_then_rerun_gives_the_uninterrupted_output(
 ):
     input_dir, docs = corpus
     out = tmp_path / "out"
-    assert embed(input_dir, out, tiny_checkpoint, failpoint=point, once=tmp_path / "fired") == -signal.SIGKILL
+    assert embed_process(input_dir, out, tiny_checkpoint, failpoint=point, once=tmp_path / "fired") == -signal.SIGKILL
     assert (tmp_path / "fired").exists()
     if point == "sink.after_commit":
         assert list((out / COMMITS).iterdir()), "the crash came after a commit record"
     if point.startswith("sink."):
         assert not verify_output(str(out)).ok  # an interrupted output does not pass for a finished one
-    assert embed(input_dir, out, tiny_checkpoint) == 0
+    assert embed_process(input_dir, out, tiny_checkpoint) == 0
     assert_complete_and_correct(out, docs, tiny_encoder)
 
 
@@ -99,7 +65,7 @@ def test_an_embedding_actor_killed_mid_job_is_replaced_and_the_job_finishes(
 ):
     input_dir, docs = corpus
     out = tmp_path / "out"
-    code = embed(input_dir, out, tiny_checkpoint, failpoint="embed", target="worker", once=tmp_path / "fired")
+    code = embed_process(input_dir, out, tiny_checkpoint, failpoint="embed", target="worker", once=tmp_path / "fired")
     assert (tmp_path / "fired").exists() and code == 0
     assert_complete_and_correct(out, docs, tiny_encoder)
 

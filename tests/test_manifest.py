@@ -193,10 +193,19 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     inputs.append({"url": failure["url"], "format": "jsonl", "fingerprint": "size=9"})
     (out / RUN_RECORD).write_text(
         json.dumps(
-            {"settings": {}, "generations": [{"generation": 0, "input": "file:///in", "inputs": inputs}], "runs": []}
+            {
+                "settings": {"model_source": "m", "model_weights_sha256": "0" * 64},
+                "generations": [{"generation": 0, "input": "file:///in", "inputs": inputs}],
+                "runs": [],
+            }
         )
     )
 
+    from pipeline.status import output_status
+
+    status = output_status(str(out))  # read-only: the record stays as it is
+    assert status["shards"] == 3 and [(g["added"], g["changed"]) for g in status["generations"]] == [(3, 0)]
+    assert "manifest_version" not in read_run_record(fs, root)
     state = read_state(fs, root)
     assert {url: d.rows for (url, _), d in state.shards_done.items()} == {
         "file:///in/0.jsonl": 4,

@@ -3,15 +3,12 @@ from-scratch run over the new corpus; a refresh killed at any point and re-run, 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
+from cli_process import RUN_TIMEOUT_S, embed_process
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig, load_config
@@ -21,8 +18,6 @@ from pipeline.job import run_embedding_job
 from pipeline.status import output_status
 from pipeline.vacuum import vacuum_output
 from pipeline.verify import verify_output
-
-RUN_TIMEOUT_S = 180
 
 
 def first_corpus() -> dict[str, list[dict]]:
@@ -134,29 +129,6 @@ def current_view_query() -> str:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start = readme.index("WITH versions AS (")
     return readme[start : readme.index(";", start)]
-
-
-def embed_process(input_dir, output_dir, model, *extra: str, failpoint: str | None = None, once=None) -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    if failpoint:
-        env["NEOBERT_PIPELINE_FAILPOINT"] = failpoint
-        env["NEOBERT_PIPELINE_FAILPOINT_ONCE"] = str(once)
-    command = [sys.executable, "-m", "pipeline.cli", "embed", str(input_dir), str(output_dir), "--model", str(model)]
-    command += ["--id-field", "id", "--num-cpus", "2", "--tokens-per-batch", "256", "--quiet", *extra]
-    process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if process.returncode not in (0, -signal.SIGKILL):
-        print(output.decode(errors="replace")[-5000:])
-    return process.returncode
 
 
 @pytest.mark.timeout(5 * RUN_TIMEOUT_S)
