@@ -224,9 +224,11 @@ def test_duplicate_ids_are_kept_flagged_or_rejected(ray_local, tmp_path, tiny_ch
     settings = {"input": str(tmp_path / "in"), "output": str(out), "model": str(tiny_checkpoint)}
     summary = run_embedding_job(load_config(None, {**settings, "id_field": "id", "duplicate_ids": policy}))
 
-    here, on_ray = verify_output(str(out)), verify_output(str(out), local_rows=0)  # a small and a big output's way
-    assert here.ok and (here.problems, here.facts) == (on_ray.problems, on_ray.facts)
-    assert any("ids repeat in the input and were kept" in fact for fact in here.facts) == (policy != "reject")
+    here = verify_output(str(out))
+    assert here.ok and any("ids repeat in the input and were kept" in f for f in here.facts) == (policy != "reject")
+    if policy == "flag":  # the way a big output is checked, on Ray, finds the same
+        on_ray = verify_output(str(out), local_rows=0)
+        assert (here.problems, here.facts) == (on_ray.problems, on_ray.facts)
     embedded = pq.read_table(out / PARTS)
     if policy == "keep":
         assert embedded.num_rows == 5 and not (out / DUPLICATES).exists()

@@ -143,15 +143,15 @@ def test_a_refresh_killed_after_a_commit_is_finished_before_the_next_refresh_sta
     corpus = first_corpus()
     write(fs, str(tmp_path / "in"), corpus)
     out = tmp_path / "out"
-    assert embed_process(tmp_path / "in", out, tiny_checkpoint) == 0
+    run(str(tmp_path / "in"), str(out), tiny_checkpoint)
     night1 = refreshed(corpus)
     write(fs, str(tmp_path / "in"), night1)
-    once = tmp_path / "fired"
+    once = tmp_path / "fired"  # only the killed run needs a process of its own
     killed = embed_process(tmp_path / "in", out, tiny_checkpoint, "--refresh", failpoint="read", once=once)
     assert killed == -signal.SIGKILL and once.exists()
     night2 = {**night1, "s6.jsonl": make_docs(4, seed=600, prefix="s6-")}
     write(fs, str(tmp_path / "in"), night2)
-    assert embed_process(tmp_path / "in", out, tiny_checkpoint, "--refresh") == 0
+    run(str(tmp_path / "in"), str(out), tiny_checkpoint, refresh=True)
 
     status = output_status(str(out))
     assert [(g["added"], g["changed"], g["deleted"]) for g in status["generations"]] == [
@@ -162,7 +162,7 @@ def test_a_refresh_killed_after_a_commit_is_finished_before_the_next_refresh_sta
     assert status["shards_complete"] == status["shards"] == 9
     report = verify_output(str(out))
     assert report.ok, report.problems
-    assert embed_process(tmp_path / "in", tmp_path / "fresh", tiny_checkpoint) == 0
+    run(str(tmp_path / "in"), str(tmp_path / "fresh"), tiny_checkpoint)
     assert_same_view(view(str(out)), view(str(tmp_path / "fresh")))
 
 
