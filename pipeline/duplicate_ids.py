@@ -80,10 +80,19 @@ def rows_to_reject(config: JobConfig, shards: list[Shard]) -> RepeatedRows | Non
             fs.rm(folder, recursive=True)  # an interrupted listing, or one of an earlier input
         repeats = find_duplicate_ids(shards, config.text_field, config.id_field, config.storage)
         repeats.write_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(fs)), min_rows_per_file=100_000)
-        found = repeats.count()
+        found = _rows_written(fs, folder)
         atomic_write(fs, done, json.dumps({"input_sha256": digest, "repeats": found}).encode())
         log.info("%d rows repeat an earlier id; listed in %s/", found, DUPLICATES)
     return RepeatedRows(config.output, config.storage) if config.duplicate_ids == "reject" else None
+
+
+def _rows_written(fs, folder: str) -> int:
+    """Rows in the Parquet files under folder, from their footers: counting the dataset would read the
+    whole input again. Ray writes no file (and so, on disk, no folder) when there is no repeat."""
+    try:
+        return ds.dataset(folder, filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA).count_rows()
+    except FileNotFoundError:
+        return 0
 
 
 def input_digest(shards: list[Shard]) -> str:

@@ -159,4 +159,4 @@ def checked(summary: JobSummary, first_dead_letter: str | None = None) -> JobSum
         message += f" ({', '.join(f'{reason} {n:,}' for reason, n in summary.error_counts.items())})"
     if first_dead_letter:
         message += f"; e.g. {first_dead_letter}"
-    raise RunIncompleteError(f"{message}; see {summary.output}/errors/ and _failed/", summary)
+    raise RunIncompleteError(f"{message}; see {summary.output}/errors/, and `verify` for the failed files", summary)

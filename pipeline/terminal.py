@@ -58,7 +58,7 @@ def _error_lines(summary: JobSummary) -> list[str]:
     if summary.failed_files:
         lines.append(
             f"failed files   {len(summary.failed_files)} could not be read to their end (first: "
-            f"{summary.failed_files[0]}); see _failed/, a re-run retries them"
+            f"{summary.failed_files[0]}); `verify` lists them all, a re-run retries them"
         )
     return lines
 

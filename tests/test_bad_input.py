@@ -1,4 +1,4 @@
-"""Dirty corpora: every bad row or file ends in errors/ (or _failed/) with its reason, the rest is embedded."""
+"""Dirty corpora: every bad row ends in errors/, every bad file in a read record, each with its reason."""
 
 from __future__ import annotations
 

@@ -264,3 +264,11 @@ def test_repeated_ids_are_listed_once_per_input_and_listed_again_when_it_grows(r
     assert grown.for_shards([url_c])[url_c][0].startswith("id 'y' was already seen at") and url_b in grown.for_shards(
         [url_b]
     )
+
+    # An input without a repeat lists none, and its read tasks find nothing to reject.
+    (tmp_path / "unique").mkdir()
+    (tmp_path / "unique" / "a.jsonl").write_bytes(jsonl_bytes([{"id": "p", "text": "one"}, {"id": "q", "text": "two"}]))
+    unique = config.model_copy(update={"input": str(tmp_path / "unique"), "output": str(tmp_path / "out-unique")})
+    fs, path = filesystem_for(unique.input, STORAGE)
+    none = duplicate_ids.rows_to_reject(unique, discover_shards(fs, path))
+    assert none.for_shards([discover_shards(fs, path)[0].url]) == {}
