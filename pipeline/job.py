@@ -23,8 +23,10 @@ from pipeline.duplicate_ids import rows_to_reject
 from pipeline.io.generations import (
     Changes,
     add_generation,
+    advance,
     changes_since,
     current_inputs,
+    fingerprints,
     recorded_inputs,
     unfinished_work,
 )
@@ -121,11 +123,13 @@ def run_embedding_job(
         # Generations a crashed run left unfinished first, oldest first; then what changed.
         work = unfinished_work(state, current, shards)
         if changes:
-            generation = add_generation(out_fs, out_root, record, config.input, changes, refresh=config.refresh)
+            generation, entries = add_generation(
+                out_fs, out_root, record, config.input, changes, refresh=config.refresh
+            )
             log.info("generation %d: %s", generation, _described(changes))
             if changes.added or changes.changed:  # deletions alone need no model work
                 work[generation] = changes.added + changes.changed
-            current = current_inputs(recorded_inputs(out_fs, out_root, record))
+            current = advance(current, entries)  # not the whole input read again
         counters, progress_offset_s = None, 0.0
         for generation, todo in work.items():
             log.info(
@@ -152,7 +156,7 @@ def run_embedding_job(
             state = recover(out_fs, out_root, lease_token)
         if not work:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        state.current = {url: version.fingerprint for url, version in current.items()}
+        state.current = fingerprints(current)
         summary = summary_of(
             state=state,
             counters=counters,

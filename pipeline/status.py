@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 
 from pipeline.config import StorageConfig
-from pipeline.io.generations import ADDED, CHANGED, DELETED, current_inputs, generation_rows, recorded_inputs
+from pipeline.io.generations import (
+    ADDED,
+    CHANGED,
+    DELETED,
+    complete_shards,
+    current_inputs,
+    fingerprints,
+    generation_rows,
+    recorded_inputs,
+)
 from pipeline.io.lease import read_lease
 from pipeline.io.manifest import read_state
 from pipeline.io.run_record import read_run_record
@@ -22,9 +31,8 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         return {"output": output_url, "started": False}
     state = read_state(fs, root)
     current = current_inputs(recorded_inputs(fs, root, record))
-    state.current = {url: version.fingerprint for url, version in current.items()}
-    by_generation = {g: state.committed_ranges(g) for g in {v.generation for v in current.values()}}
-    complete = sum(state.shard_complete(url, v.fingerprint, by_generation[v.generation]) for url, v in current.items())
+    state.current = fingerprints(current)
+    complete = len(complete_shards(state, current))
     read = [state.shards_done[key] for key in state.current.items() if key in state.shards_done]
     failed = state.failed_part_way()
     rows_by_generation = generation_rows(state)

@@ -45,14 +45,16 @@ def vacuum_output(
 ) -> VacuumReport:
     """Delete every part with no current row whose generation is older than the newest keep_generations."""
     fs, root = filesystem_for(output_url, storage or StorageConfig())
-    record = read_run_record(fs, root)
-    if record is None:
+    if read_run_record(fs, root) is None:
         raise NoInputError(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
     if not lease_supported(fs):
         raise SettingsError(f"{output_url}: vacuum needs the writer lease, which this store cannot give here")
-    newest = len(record["generations"]) - 1
-    kept = list(range(max(0, newest - keep_generations + 1), newest + 1))
     with acquire_lease(fs, root, wait_s=wait_s) as lease:
+        # The record as it is once no run can add a generation: one read before the lease could miss
+        # a generation a run finished meanwhile, and take its parts for superseded.
+        record = read_run_record(fs, root)
+        newest = len(record["generations"]) - 1
+        kept = list(range(max(0, newest - keep_generations + 1), newest + 1))
         state = recover(fs, root)
         current = current_inputs(recorded_inputs(fs, root, record))
         dead = [c for c in state.commits if c.generation not in kept and not current_shards(c, current)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
 from pipeline.io.current import current_shards
-from pipeline.io.generations import DELETED, current_inputs, recorded_inputs
+from pipeline.io.generations import DELETED, current_inputs, fingerprints, recorded_inputs
 from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD, urls_of
 from pipeline.io.lease import acquire_lease, lease_supported
 from pipeline.io.manifest import OutputState, read_state
@@ -90,7 +90,7 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
     state = read_state(fs, root)
     inputs = recorded_inputs(fs, root, record)
     current = current_inputs(inputs)
-    state.current = {url: version.fingerprint for url, version in current.items()}
+    state.current = fingerprints(current)
     _check_files(state, report)
     _check_part_contents(output_url, storage, state, record["settings"], current, sample, local_rows, report)
 
@@ -144,8 +144,7 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
         report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
     if check_inputs:
         roots = sorted({g["input"] for g in record["generations"]})
-        recorded = {url: version.fingerprint for url, version in current.items()}
-        _check_fingerprints(roots, recorded, storage, record["settings"].get("fingerprint", "store"), report)
+        _check_fingerprints(roots, state.current, storage, record["settings"].get("fingerprint", "store"), report)
 
     dead = sum(c.error_rows for c in state.commits)
     _check_dead_letter_rate(record, state, report)

@@ -79,14 +79,18 @@ def recorded_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> p
 
 def current_inputs(inputs: pa.Table) -> dict[str, Version]:
     """URL -> current version, for every shard not deleted (entries are in generation order)."""
-    current: dict[str, Version] = {}
+    return advance({}, inputs)
+
+
+def advance(current: dict[str, Version], entries: pa.Table) -> dict[str, Version]:
+    """current, brought forward by later entries (INPUTS_SCHEMA, in generation order); returned."""
     columns = (
-        urls_of(inputs.column("url")),
-        inputs.column("generation").to_pylist(),
-        inputs.column("fingerprint").to_pylist(),
-        inputs.column("format").to_pylist(),
-        inputs.column("size_bytes").to_pylist(),
-        inputs.column("change").to_pylist(),
+        urls_of(entries.column("url")),
+        entries.column("generation").to_pylist(),
+        entries.column("fingerprint").to_pylist(),
+        entries.column("format").to_pylist(),
+        entries.column("size_bytes").to_pylist(),
+        entries.column("change").to_pylist(),
     )
     for url, generation, fingerprint, fmt, size, change in zip(*columns, strict=True):
         if change == DELETED:
@@ -96,32 +100,31 @@ def current_inputs(inputs: pa.Table) -> dict[str, Version]:
     return current
 
 
-def live_shards(inputs: pa.Table) -> pa.Table:
-    """(shard, generation) of every current shard: a row of a part is current exactly when its shard
-    and its part's generation are a pair of this table."""
-    current = current_inputs(inputs)
-    return pa.table(
-        {
-            "shard": [_text(url) for url in current],
-            "generation": pa.array([v.generation for v in current.values()], pa.int32()),
-        }
-    )
+def fingerprints(current: dict[str, Version]) -> dict[str, str]:
+    """URL -> fingerprint of each current version (OutputState.current)."""
+    return {url: version.fingerprint for url, version in current.items()}
 
 
 def unfinished_work(state: OutputState, current: dict[str, Version], listed: list[Shard]) -> dict[int, list[Shard]]:
     """Generation -> its current shards not yet complete, where the listing still shows that version
     (one that changed or vanished since is left to the next generation)."""
+    complete = complete_shards(state, current)
     by_generation: dict[int, list[Shard]] = {}
-    committed: dict[int, dict] = {}
     for shard in listed:
         version = current.get(shard.url)
-        if version is None or version.fingerprint != shard.fingerprint:
-            continue
-        if version.generation not in committed:
-            committed[version.generation] = state.committed_ranges(version.generation)
-        if not state.shard_complete(shard.url, shard.fingerprint, committed[version.generation]):
+        if version is not None and version.fingerprint == shard.fingerprint and shard.url not in complete:
             by_generation.setdefault(version.generation, []).append(shard)
     return dict(sorted(by_generation.items()))
+
+
+def complete_shards(state: OutputState, current: dict[str, Version]) -> set[str]:
+    """URLs whose current version was read to its end with every row committed in its generation."""
+    committed = state.committed_ranges_by_generation()
+    return {
+        url
+        for url, version in current.items()
+        if state.shard_complete(url, version.fingerprint, committed.get(version.generation, {}))
+    }
 
 
 def changes_since(current: dict[str, Version], listed: list[Shard]) -> Changes:
@@ -136,9 +139,9 @@ def changes_since(current: dict[str, Version], listed: list[Shard]) -> Changes:
 
 def add_generation(
     fs: fsspec.AbstractFileSystem, root: str, record: dict, input_url: str, changes: Changes, *, refresh: bool
-) -> int:
+) -> tuple[int, pa.Table]:
     """Record a new generation: its entries' file first, then the run record naming it (a crash between
-    leaves a file the next run writes again). Returns its number."""
+    leaves a file the next run writes again). Returns its number and entries."""
     from pipeline.io.run_record import save_run_record
 
     number = len(record["generations"])
@@ -170,7 +173,7 @@ def add_generation(
         }
     )
     save_run_record(fs, root, record)
-    return number
+    return number, table
 
 
 def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:

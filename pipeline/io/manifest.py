@@ -159,6 +159,15 @@ class OutputState:
                     by_shard.setdefault(url, []).extend(ranges)
         return {url: merge_ranges(ranges) for url, ranges in by_shard.items()}
 
+    def committed_ranges_by_generation(self) -> dict[int, dict[str, list[Range]]]:
+        """committed_ranges(g) of every generation g, in one pass over the commits."""
+        by_version: dict[int, dict[str, list[Range]]] = {}
+        for commit in self.commits:
+            shards = by_version.setdefault(commit.generation, {})
+            for url, ranges in commit.ranges.items():
+                shards.setdefault(url, []).extend(ranges)
+        return {g: {url: merge_ranges(r) for url, r in shards.items()} for g, shards in by_version.items()}
+
     def shard_complete(self, url: str, fingerprint: str, committed: dict[str, list[Range]]) -> bool:
         """This version read to its end, and every one of its rows committed in `committed` (the
         committed_ranges() of the generation it belongs to)."""
