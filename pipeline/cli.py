@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("repair", "set aside damaged or stray parts so that a re-run makes OUTPUT whole again"),
         ("export", "write OUTPUT's current view (every current row, once) as plain Parquet under DEST"),
         ("vacuum", "delete the parts of OUTPUT that hold no current row (rewritten or deleted shards)"),
+        ("sync", "make a vector database or table (--to URL) hold exactly OUTPUT's current view"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("output", help="the job's output folder or URL")
@@ -154,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                 help="keep every part of the newest N generations, current or not (default 1)",
             )
             command.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+        if name == "sync":
+            command.add_argument(
+                "--to",
+                required=True,
+                metavar="URL",
+                help="postgresql://user@host:port/db, lancedb:///dir, lancedb+s3://bucket/prefix, "
+                "qdrant://host:port/collection (the password from PGPASSWORD or ~/.pgpass, not the URL)",
+            )
+            command.add_argument("--table", help="the table or collection to keep (default: embeddings)")
+            command.add_argument("--batch-rows", type=_positive_int, default=20_000, metavar="ROWS")
+            command.add_argument(
+                "--create-index", action="store_true", help="build a vector index after loading (HNSW in PostgreSQL)"
+            )
+            command.add_argument("--json", action="store_true", help="print the summary as one JSON object")
         if name in ("verify", "repair", "vacuum"):
             command.add_argument(
                 "--wait-for-lease", type=float, default=0.0, help="seconds to wait for a run writing OUTPUT"

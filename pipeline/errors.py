@@ -66,6 +66,24 @@ class StorageAccessError(PipelineError, PermissionError):
     exit_code = 9
 
 
+class TargetUnreachableError(PipelineError, ConnectionError):
+    """A sync target did not answer or refused the credentials."""
+
+    exit_code = 11
+
+
+class TargetConflictError(PipelineError, ValueError):
+    """A sync target holds something else: a table of another shape, or another output's rows."""
+
+    exit_code = 12
+
+
+class TargetMismatchError(PipelineError):
+    """A sync finished, but the target's rows differ from the output's current view."""
+
+    exit_code = 13
+
+
 EXIT_CODES = {
     cls.exit_code: cls
     for cls in (
@@ -78,6 +96,9 @@ EXIT_CODES = {
         StorageUnreachableError,
         IncompleteRunError,
         StorageAccessError,
+        TargetUnreachableError,
+        TargetConflictError,
+        TargetMismatchError,
     )
 }
 

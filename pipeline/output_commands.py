@@ -1,4 +1,4 @@
-"""The commands that work on an existing output: status, verify, repair, export and vacuum."""
+"""The commands that work on an existing output: status, verify, repair, export, vacuum and sync."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pipeline.errors import EXIT_FAILED, EXIT_OK
 
 
 def run_output_command(args: argparse.Namespace) -> int:
-    """Run status, verify, repair, export or vacuum as the parsed arguments say; the exit code."""
+    """Run status, verify, repair, export, vacuum or sync as the parsed arguments say; the exit code."""
     storage = StorageConfig(endpoint_url=args.endpoint_url, anon=args.anon)
     if args.command == "status":
         from pipeline.status import output_status
@@ -26,6 +26,27 @@ def run_output_command(args: argparse.Namespace) -> int:
             args.output, args.dest, storage, rows_per_file=args.rows_per_file, dead_letters=args.dead_letters
         )
         print(f"export: {rows:,} current rows in {files} files under {args.dest}")
+        return EXIT_OK
+    if args.command == "sync":
+        from pipeline.sync.run import sync_output
+
+        summary = sync_output(
+            args.output,
+            args.to,
+            storage,
+            table=args.table,
+            batch_rows=args.batch_rows,
+            create_index=args.create_index,
+            progress=print,
+        )
+        if args.json:
+            print(json.dumps(summary.as_dict()))
+        else:
+            print(
+                f"sync: {summary.inserted:,} inserted, {summary.updated:,} updated, {summary.deleted:,} deleted, "
+                f"{summary.unchanged:,} unchanged in {summary.wall_s:.1f} s; {summary.target} holds "
+                f"{summary.target_rows:,} rows, as the current view does"
+            )
         return EXIT_OK
     if args.command == "vacuum":
         from pipeline.vacuum import vacuum_output

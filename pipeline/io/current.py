@@ -53,13 +53,17 @@ def current_rows(
         raise NoInputError(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
     current = current_inputs(recorded_inputs(fs, root, record))
     folder = ERRORS if dead_letters else PARTS
-    commits = sorted(
-        (c for c in read_state(fs, root).commits if (c.error_rows if dead_letters else c.embedded_rows)),
-        key=lambda c: c.part,
-    )
-    parts = [(c, shards) for c in commits if (shards := current_shards(c, current))]
+    parts = current_parts(read_state(fs, root).commits, current, dead_letters=dead_letters)
     schema = _schema(fs, root, folder, parts, columns)
     return pa.RecordBatchReader.from_batches(schema, _batches(fs, root, folder, parts, schema))
+
+
+def current_parts(
+    commits: list[CommitRecord], current: dict[str, Version], *, dead_letters: bool = False
+) -> list[tuple[CommitRecord, list[str]]]:
+    """(commit, its shards whose rows are current) of every part holding a current row, by part name."""
+    commits = sorted((c for c in commits if (c.error_rows if dead_letters else c.embedded_rows)), key=lambda c: c.part)
+    return [(c, shards) for c in commits if (shards := current_shards(c, current))]
 
 
 def current_shards(commit: CommitRecord, current: dict[str, Version]) -> list[str]:
@@ -79,14 +83,22 @@ def _schema(fs: fsspec.AbstractFileSystem, root: str, folder: str, parts, column
 
 def _batches(fs, root: str, folder: str, parts, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     for commit, shards in parts:
-        with fs.open(join(root, folder, f"{commit.part}.parquet"), "rb") as f:
-            table = pq.read_table(f)
-        if GENERATION_FIELD.name not in table.column_names:
-            table = table.append_column(
-                GENERATION_FIELD, pa.array([commit.generation] * table.num_rows, GENERATION_FIELD.type)
-            )
-        table = table.filter(pc.is_in(table.column("shard"), pa.array(shards, pa.string())))
+        table = part_current_rows(fs, root, commit, shards, folder=folder)
         yield from table.select(schema.names).cast(schema).to_batches(ROWS_PER_BATCH)
+
+
+def part_current_rows(
+    fs, root: str, commit: CommitRecord, shards: list[str], *, folder: str = PARTS, columns: list[str] | None = None
+) -> pa.Table:
+    """The rows of one part that belong to `shards` (its current ones), with the generation column."""
+    read = None if columns is None else sorted({*columns, "shard"} - {GENERATION_FIELD.name})
+    with fs.open(join(root, folder, f"{commit.part}.parquet"), "rb") as f:
+        table = pq.read_table(f, columns=read)
+    if GENERATION_FIELD.name not in table.column_names:
+        table = table.append_column(
+            GENERATION_FIELD, pa.array([commit.generation] * table.num_rows, GENERATION_FIELD.type)
+        )
+    return table.filter(pc.is_in(table.column("shard"), pa.array(shards, pa.string())))
 
 
 def export_current(

@@ -1,0 +1,209 @@
+"""`neobert-pipeline sync`: each target follows an output through a refresh to exactly the rows a fresh
+embedding of the new corpus gives; a sync killed mid-batch converges; bad targets get one clear line.
+
+PostgreSQL (with pgvector) is a real server on 127.0.0.1 started here; LanceDB and Qdrant's local
+mode need no server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import start_test_ray
+from pg_server import PASSWORD, start_postgres, stop_postgres
+from test_refresh import assert_same_view, first_corpus, refreshed, run, view, write
+
+from pipeline.cli import main as cli
+from pipeline.errors import TargetConflictError, TargetMismatchError
+from pipeline.sync.run import sync_output
+
+KINDS = ["pgvector", "lancedb", "qdrant"]
+KILL_TIMEOUT_S = 120
+
+
+@dataclass
+class Outputs:
+    before: str
+    """The output after its first run (a copy, as it was before the refresh)."""
+    after: str
+    """The same output after a refresh: 2 shards added, 1 rewritten, 1 deleted."""
+    fresh: str
+    """A from-scratch embedding of the refreshed corpus."""
+    corpus: dict
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_checkpoint) -> Outputs:
+    import ray
+
+    if not ray.is_initialized():
+        start_test_ray(tmp_path_factory)
+    base = tmp_path_factory.mktemp("sync")
+    fs = fsspec.filesystem("file")
+    corpus = first_corpus()
+    write(fs, str(base / "in"), corpus)
+    run(str(base / "in"), str(base / "out"), tiny_checkpoint)
+    shutil.copytree(base / "out", base / "before")
+    new = refreshed(corpus)
+    write(fs, str(base / "in"), new)
+    run(str(base / "in"), str(base / "out"), tiny_checkpoint, refresh=True)
+    write(fs, str(base / "fresh-in"), new)
+    run(str(base / "fresh-in"), str(base / "fresh"), tiny_checkpoint)
+    return Outputs(str(base / "before"), str(base / "out"), str(base / "fresh"), new)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server, process = start_postgres()
+    yield server
+    stop_postgres(process)
+
+
+@pytest.fixture()
+def target(request, tmp_path, postgres):
+    """(kind, URL) of an empty target of the kind the test is parametrised with."""
+    kind = request.param
+    if kind == "pgvector":
+        return kind, postgres.url()
+    if kind == "lancedb":
+        return kind, f"lancedb://{tmp_path}/lance"
+    return kind, f"qdrant+local://{tmp_path}/qdrant"
+
+
+def table_name() -> str:
+    return f"t_{uuid.uuid4().hex[:10]}"
+
+
+def stored(kind: str, url: str, table: str) -> dict[str, tuple[np.ndarray, tuple]]:
+    """id -> (vector, (shard, row, generation)) as the target holds them, read back by its own client."""
+    if kind == "pgvector":
+        import psycopg
+
+        with psycopg.connect(url) as db:
+            rows = db.execute(f"SELECT id, embedding::real[], shard, row, generation FROM {table}").fetchall()
+        return {r[0]: (np.array(r[1], np.float32), tuple(r[2:])) for r in rows}
+    if kind == "lancedb":
+        import lancedb
+
+        table_rows = lancedb.connect(url.removeprefix("lancedb://")).open_table(table).to_arrow().to_pylist()
+        return {
+            r["id"]: (np.array(r["embedding"], np.float32), (r["shard"], r["row"], r["generation"])) for r in table_rows
+        }
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=url.removeprefix("qdrant+local://"))
+    points, _ = client.scroll(table, limit=100_000, with_vectors=True, with_payload=True)
+    client.close()
+    return {
+        p.payload["id"]: (
+            np.array(p.vector, np.float32),
+            (p.payload["shard"], p.payload["row"], p.payload["generation"]),
+        )
+        for p in points
+    }
+
+
+def output_view(output: str) -> dict[str, tuple]:
+    from pipeline.io.current import current_rows
+
+    table = current_rows(output, columns=["id", "shard", "row", "generation"]).read_all()
+    return {r["id"]: (r["shard"], r["row"], r["generation"]) for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("target", KINDS, indirect=True)
+def test_a_target_follows_a_refresh_to_the_rows_of_a_fresh_embedding(outputs, target):
+    kind, url = target
+    table = table_name()
+    first = sync_output(outputs.before, url, table=table, batch_rows=25)
+    assert (first.inserted, first.updated, first.deleted) == (first.view_rows, 0, 0) and first.view_rows == 96
+    assert sync_output(outputs.before, url, table=table).written == 0  # nothing new: nothing written
+
+    second = sync_output(outputs.after, url, table=table, batch_rows=25)
+    # s2 rewritten: 11 rows kept their id (updated), one is new, one gone; t0 and t1 new; s5 deleted.
+    assert (second.inserted, second.updated, second.deleted) == (7 + 5 + 1, 11, 12 + 1)
+    assert second.target_rows == second.view_rows == sum(len(docs) for docs in outputs.corpus.values())
+    assert sync_output(outputs.after, url, table=table).written == 0
+
+    fresh_table = table_name()
+    sync_output(outputs.fresh, url, table=fresh_table)
+    got, want = stored(kind, url, table), stored(kind, url, fresh_table)
+    assert_same_view({k: v for k, (v, _) in got.items()}, {k: v for k, (v, _) in want.items()})
+    assert_same_view({k: v for k, (v, _) in got.items()}, view(outputs.after))
+    assert {k: where for k, (_, where) in got.items()} == output_view(outputs.after)  # provenance kept
+
+
+@pytest.mark.parametrize("target", KINDS, indirect=True)
+def test_a_sync_killed_in_the_middle_of_a_batch_and_run_again_converges(outputs, target, tmp_path):
+    kind, url = target
+    table = table_name()
+    sync_output(outputs.before, url, table=table)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
+    env.update(NEOBERT_PIPELINE_FAILPOINT="sync.in_batch", NEOBERT_PIPELINE_FAILPOINT_ONCE=str(tmp_path / "fired"))
+    command = [sys.executable, "-m", "pipeline.cli", "sync", outputs.after, "--to", url, "--table", table]
+    killed = subprocess.run([*command, "--batch-rows", "4"], env=env, capture_output=True, timeout=KILL_TIMEOUT_S)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+
+    again = sync_output(outputs.after, url, table=table)
+    assert again.target_rows == again.view_rows
+    assert {k: where for k, (_, where) in stored(kind, url, table).items()} == output_view(outputs.after)
+    assert_same_view({k: v for k, (v, _) in stored(kind, url, table).items()}, view(outputs.after))
+    assert sync_output(outputs.after, url, table=table).written == 0
+
+
+def test_bad_targets_get_one_line_and_their_exit_code(outputs, postgres, tmp_path, capsys):
+    table = table_name()
+    wrong = postgres.url(password="not-the-password")
+    assert cli(["sync", outputs.after, "--to", wrong, "--table", table]) == 11
+    err = capsys.readouterr().err.strip()
+    assert "refused the credentials" in err and "not-the-password" not in err and len(err.splitlines()) == 1
+
+    closed = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{_closed_port()}/postgres"
+    assert cli(["sync", outputs.after, "--to", closed]) == 11
+    assert "could not be reached" in capsys.readouterr().err
+
+    import psycopg
+
+    with psycopg.connect(postgres.url(), autocommit=True) as db:
+        db.execute(
+            f"CREATE EXTENSION IF NOT EXISTS vector; CREATE TABLE {table} (id text PRIMARY KEY, embedding vector(3))"
+        )
+    assert cli(["sync", outputs.after, "--to", postgres.url(), "--table", table]) == 12
+    assert "exists with columns id text, embedding vector(3)" in capsys.readouterr().err
+
+    lance = f"lancedb://{tmp_path}/lance"
+    import lancedb
+
+    lancedb.connect(str(tmp_path / "lance")).create_table("other", schema=pa.schema([("id", pa.string())]))
+    assert cli(["sync", outputs.after, "--to", lance, "--table", "other"]) == 12
+
+    assert cli(["sync", outputs.after, "--to", lance]) == 0
+    with pytest.raises(TargetConflictError, match="another output"):
+        sync_output(outputs.fresh, lance)  # the same table, another output's log
+
+    table_rows = lancedb.connect(str(tmp_path / "lance")).open_table("embeddings")
+    one_id = table_rows.to_arrow().column("id")[0].as_py()
+    table_rows.delete(f"id = '{one_id}'")  # someone else changed the target
+    rows = sum(len(docs) for docs in outputs.corpus.values())
+    with pytest.raises(TargetMismatchError, match=f"holds {rows - 1} rows but the output's current view has {rows}"):
+        sync_output(outputs.after, lance)
+
+    assert cli(["sync", outputs.after, "--to", "mysql://host/db"]) == 2
+    assert "not a sync target" in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
