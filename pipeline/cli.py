@@ -204,6 +204,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def embed_config(args: argparse.Namespace):
+    """The JobConfig of parsed `embed` arguments: the flags over the --config file."""
+    overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
+    return load_config(args.config, {**overrides, "input": args.input, "output": args.output})
+
+
 def _embed(args: argparse.Namespace) -> int:
     from pipeline.faults import arm_driver
     from pipeline.job import run_embedding_job
@@ -211,9 +217,7 @@ def _embed(args: argparse.Namespace) -> int:
     from pipeline.summary import RunIncompleteError
     from pipeline.terminal import ProgressDisplay, print_summary
 
-    overrides = {key: getattr(args, key) for _, key, _ in EMBED_FLAGS}
-    overrides.update(input=args.input, output=args.output)
-    config = load_config(args.config, overrides)
+    config = embed_config(args)
     quiet_ray_data(verbose=args.verbose)
     _hide_ray_tracebacks_of_user_errors()
     arm_driver()

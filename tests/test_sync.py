@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -207,3 +208,19 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_refresh_job_syncs_after_embedding(outputs, tiny_checkpoint, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "refresh_job", Path(__file__).resolve().parents[1] / "jobs/refresh.py"
+    )
+    refresh_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refresh_job)
+    write(fsspec.filesystem("file"), str(tmp_path / "in"), dict(list(outputs.corpus.items())[:2]))
+    lance = f"lancedb://{tmp_path}/lance"
+    args = [str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--id-field", "id", "--quiet"]
+    assert refresh_job.main([*args, "--sync-to", lance, "--sync-table", "docs"]) == 0
+    synced = stored("lancedb", lance, "docs")
+    assert {k: where for k, (_, where) in synced.items()} == output_view(str(tmp_path / "out"))
