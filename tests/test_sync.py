@@ -28,7 +28,7 @@ from pipeline.cli import main as cli
 from pipeline.errors import TargetConflictError, TargetMismatchError
 from pipeline.sync.run import sync_output
 
-KINDS = ["pgvector", "lancedb", "qdrant"]
+KINDS = ["pgvector", "lancedb", "qdrant", "iceberg"]
 KILL_TIMEOUT_S = 120
 
 
@@ -71,13 +71,26 @@ def postgres():
 
 
 @pytest.fixture()
-def target(request, tmp_path, postgres):
+def target(request, tmp_path, postgres, monkeypatch):
     """(kind, URL) of an empty target of the kind the test is parametrised with."""
     kind = request.param
     if kind == "pgvector":
         return kind, postgres.url()
     if kind == "lancedb":
         return kind, f"lancedb://{tmp_path}/lance"
+    if kind == "iceberg":
+        s3 = request.getfixturevalue("s3")
+        endpoint = request.getfixturevalue("s3_endpoint")
+        settings = {  # pyiceberg's own configuration, as a user sets it: a SQL catalog, the warehouse on S3
+            "TYPE": "sql",
+            "URI": f"sqlite:///{tmp_path}/catalog.db",
+            "WAREHOUSE": f"s3://{s3.bucket}/warehouse",
+            "S3__ENDPOINT": endpoint,
+            "S3__REGION": "us-east-1",
+        }
+        for key, value in settings.items():
+            monkeypatch.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
+        return kind, "iceberg://tests/lake"
     return kind, f"qdrant+local://{tmp_path}/qdrant"
 
 
@@ -100,6 +113,11 @@ def stored(kind: str, url: str, table: str) -> dict[str, tuple[np.ndarray, tuple
         return {
             r["id"]: (np.array(r["embedding"], np.float32), (r["shard"], r["row"], r["generation"])) for r in table_rows
         }
+    if kind == "iceberg":
+        from pyiceberg.catalog import load_catalog
+
+        lake = load_catalog("tests").load_table(f"lake.{table}").scan().to_arrow().to_pylist()
+        return {r["id"]: (np.array(r["embedding"], np.float32), (r["shard"], r["row"], r["generation"])) for r in lake}
     from qdrant_client import QdrantClient
 
     client = QdrantClient(path=url.removeprefix("qdrant+local://"))
@@ -197,6 +215,9 @@ def test_bad_targets_get_one_line_and_their_exit_code(outputs, postgres, tmp_pat
     rows = sum(len(docs) for docs in outputs.corpus.values())
     with pytest.raises(TargetMismatchError, match=f"holds {rows - 1} rows but the output's current view has {rows}"):
         sync_output(outputs.after, lance)
+
+    assert cli(["sync", outputs.after, "--to", "iceberg://no_such_catalog/lake.docs"]) == 11
+    assert "PYICEBERG_CATALOG__NO_SUCH_CATALOG__URI" in capsys.readouterr().err
 
     assert cli(["sync", outputs.after, "--to", "mysql://host/db"]) == 2
     assert "not a sync target" in capsys.readouterr().err

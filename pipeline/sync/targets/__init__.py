@@ -7,7 +7,7 @@ from pipeline.errors import SettingsError
 from pipeline.sync.targets.base import Target
 
 DEFAULT_TABLE = "embeddings"
-SCHEMES = ("postgresql://", "lancedb://", "lancedb+s3://", "qdrant://", "qdrant+local://")
+SCHEMES = ("postgresql://", "lancedb://", "lancedb+s3://", "qdrant://", "qdrant+local://", "iceberg://")
 
 
 def open_target(url: str, *, table: str | None = None, storage: StorageConfig | None = None) -> Target:
@@ -26,6 +26,10 @@ def open_target(url: str, *, table: str | None = None, storage: StorageConfig | 
             from pipeline.sync.targets.qdrant import QdrantTarget
 
             return QdrantTarget(url, table)
+        if scheme == "iceberg://":
+            from pipeline.sync.targets.iceberg import IcebergTarget
+
+            return IcebergTarget(url, table)
     except ImportError as err:
         raise SettingsError(f"the {scheme} target needs {err.name}: pip install 'neobert-pipeline[sync]'") from err
     raise SettingsError(f"--to {url.split('@')[-1]!r}: not a sync target; use one of {', '.join(SCHEMES)}")
