@@ -25,6 +25,7 @@ from pg_server import PASSWORD, start_postgres, stop_postgres
 from test_refresh import assert_same_view, first_corpus, refreshed, run, view, write
 
 from pipeline.cli import main as cli
+from pipeline.config import StorageConfig
 from pipeline.errors import TargetConflictError, TargetMismatchError
 from pipeline.sync.run import sync_output
 
@@ -151,7 +152,19 @@ def test_a_target_follows_a_refresh_to_the_rows_of_a_fresh_embedding(outputs, ta
     # s2 rewritten: 11 rows kept their id (updated), one is new, one gone; t0 and t1 new; s5 deleted.
     assert (second.inserted, second.updated, second.deleted) == (7 + 5 + 1, 11, 12 + 1)
     assert second.target_rows == second.view_rows == sum(len(docs) for docs in outputs.corpus.values())
-    assert sync_output(outputs.after, url, table=table).written == 0
+    assert sync_output(outputs.after, url, table=table, create_index=True).written == 0
+    if kind == "pgvector":  # the HNSW index, built after loading: cosine for normalised output, else inner product
+        import json
+
+        import psycopg
+
+        normalised = json.loads((Path(outputs.after) / "_neobert_run.json").read_text())["settings"]["normalize"]
+
+        with psycopg.connect(url) as db:
+            (definition,) = db.execute(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%hnsw%%'", [table]
+            ).fetchone()
+        assert ("vector_cosine_ops" if normalised else "vector_ip_ops") in definition
 
     fresh_table = table_name()
     sync_output(outputs.fresh, url, table=fresh_table)
@@ -177,6 +190,15 @@ def test_a_sync_killed_in_the_middle_of_a_batch_and_run_again_converges(outputs,
     assert {k: where for k, (_, where) in stored(kind, url, table).items()} == output_view(outputs.after)
     assert_same_view({k: v for k, (v, _) in stored(kind, url, table).items()}, view(outputs.after))
     assert sync_output(outputs.after, url, table=table).written == 0
+
+
+def test_lancedb_on_object_storage(outputs, s3, s3_endpoint):
+    storage = StorageConfig(endpoint_url=s3_endpoint)
+    url = f"lancedb+s3://{s3.bucket}/lance"
+    first = sync_output(outputs.after, url, storage)
+    assert first.inserted == first.target_rows == first.view_rows == sum(len(d) for d in outputs.corpus.values())
+    assert sync_output(outputs.after, url, storage).written == 0
+    assert s3.exists(f"{s3.bucket}/lance/embeddings.lance")
 
 
 def test_bad_targets_get_one_line_and_their_exit_code(outputs, postgres, tmp_path, capsys):

@@ -25,6 +25,7 @@ from pipeline.sync.targets.pg_binary import copy_data
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,46}$")  # leaves room for the suffixes of derived names
 CONNECT_TIMEOUT_S = 10
 VERSIONS_PER_DELETE = 10_000
+INDEX_BUILD_MEMORY = "2GB"
 SQL_TYPES = {
     pa.string(): "text",
     pa.int64(): "bigint",
@@ -164,6 +165,13 @@ class PgvectorTarget(Target):
         ).fetchone()[0]
         ops = f"{kind.split('(')[0]}_{'cosine' if metric == 'cosine' else 'ip'}_ops"
         with self._db.transaction():
+            # An HNSW build whose graph outgrows maintenance_work_mem (64 MB by default) slows down
+            # many times over; give this one transaction room, never less than the server has.
+            self._db.execute(
+                "SELECT set_config('maintenance_work_mem', %s, true) "
+                "WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
+                [INDEX_BUILD_MEMORY, INDEX_BUILD_MEMORY],
+            )
             self._db.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding {})").format(
                     self._index, self._table, sql.SQL(ops)
