@@ -8,13 +8,13 @@ TORCH_CPU ?= torch==2.13.0
 MODEL ?=
 DEMO_OUT ?= demo-output
 
-.PHONY: demo test test-slow lint format clean bench bench-gpu
+.PHONY: demo test test-slow lint format clean bench bench-gpu constraints image
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_CPU)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --constraint constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline jobs tests benchmarks
 	$(BIN)/ruff format --check pipeline jobs tests benchmarks
+	$(BIN)/hadolint infra/Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff format pipeline jobs tests benchmarks
@@ -43,3 +44,13 @@ bench: $(STAMP)
 # On a machine with an NVIDIA GPU and torch with CUDA (see benchmarks/gpu.sh).
 bench-gpu:
 	PYTHON=$(or $(GPU_PYTHON),python3) bash benchmarks/gpu.sh
+
+# The versions CI installs and the image uses, from the current .venv (torch left out: see the file).
+constraints:
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|neobert-pipeline)=='; } > constraints.new
+	mv constraints.new constraints.txt
+
+# On a machine with Docker: the image of infra/Dockerfile, tagged with the package version.
+IMAGE ?= neobert-pipeline
+image:
+	docker build -f infra/Dockerfile -t $(IMAGE):$$($(PYTHON) -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])") .
