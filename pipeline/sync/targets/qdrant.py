@@ -46,7 +46,7 @@ class QdrantTarget(Target):
         self._name = name
         self._state = f"{name}__neobert_sync"
 
-    def prepare(self, schema: pa.Schema) -> None:
+    def prepare(self, schema: pa.Schema, *, unique_ids: bool = False) -> None:
         embedding = schema.field("embedding").type
         self._payload = [f.name for f in schema if f.name != "embedding"]
         wanted = models.VectorParams(
