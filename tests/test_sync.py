@@ -282,3 +282,67 @@ def test_the_refresh_job_syncs_after_embedding(outputs, tiny_checkpoint, tmp_pat
     assert refresh_job.main([*args, "--sync-to", lance, "--sync-table", "docs"]) == 0
     synced = stored("lancedb", lance, "docs")
     assert {k: where for k, (_, where) in synced.items()} == output_view(str(tmp_path / "out"))
+
+
+def test_chunked_output_rows_are_keyed_by_document_and_chunk():
+    from pipeline.errors import BadInputError
+    from pipeline.sync.rows import part_columns, target_schema, to_target_rows
+
+    schema = target_schema(2, "float32", chunks=True)
+    part = pa.table(
+        {
+            "id": ["doc#1", "doc#1", "b"],  # a document id may hold '#': the chunk is after the last one
+            "chunk": pa.array([0, 1, 0], pa.int32()),
+            "char_start": [0, 10, 0],
+            "char_end": [10, 20, 5],
+            "embedding": pa.array([[1, 0], [0, 1], [1, 1]], pa.list_(pa.float32(), 2)),
+            "n_tokens": pa.array([3, 3, 2], pa.int32()),
+            "truncated": [False, False, False],
+            "shard": ["s", "s", "s"],
+            "row": [0, 0, 1],
+            "generation": pa.array([0, 0, 0], pa.int32()),
+        }
+    )
+    assert set(part_columns(schema)) <= set(part.column_names)
+    rows = to_target_rows(part, schema, "part-x")
+    assert rows.column("id").to_pylist() == ["doc#1#0", "doc#1#1", "b#0"]
+    assert rows.column("document_id").to_pylist() == ["doc#1", "doc#1", "b"]
+    with pytest.raises(BadInputError, match="'b#0' appears more than once in part-x"):
+        to_target_rows(pa.concat_tables([part, part.slice(2)]), schema, "part-x")
+
+
+def test_float16_output_is_stored_as_halfvec(postgres):
+    import psycopg
+
+    from pipeline.sync.rows import target_schema
+    from pipeline.sync.targets.pgvector import PgvectorTarget
+
+    schema = target_schema(3, "float16", chunks=False)
+    vectors = np.array([[0.5, -1.25, 2.0], [1e-3, 0.0, -0.75]], np.float16)
+    rows = pa.table(
+        {
+            "id": ["a", "b"],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 3),
+            "shard": ["s", "s"],
+            "row": [0, 1],
+            "generation": pa.array([0, 0], pa.int32()),
+            "n_tokens": pa.array([2, 2], pa.int32()),
+            "truncated": [False, True],
+        },
+        schema=schema,
+    )
+    table = table_name()
+    target = PgvectorTarget(postgres.url(), table)
+    target.prepare(schema)
+    assert (target.upsert(rows).inserted, target.upsert(rows).unchanged) == (2, 2)
+    target.close()
+    with psycopg.connect(postgres.url()) as db:
+        kind = db.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attname = 'embedding'",
+            [table],
+        ).fetchone()[0]
+        got = db.execute(f"SELECT id, embedding::vector::real[], truncated FROM {table} ORDER BY id").fetchall()
+    assert kind == "halfvec(3)"
+    assert [(i, t) for i, _, t in got] == [("a", False), ("b", True)]
+    np.testing.assert_array_equal(np.array([v for _, v, _ in got], np.float32), vectors.astype(np.float32))
