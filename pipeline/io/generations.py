@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from sys import intern  # shared with the manifest's maps: one copy per shard
 
 import fsspec
 import pyarrow as pa
@@ -96,7 +97,7 @@ def advance(current: dict[str, Version], entries: pa.Table) -> dict[str, Version
         if change == DELETED:
             current.pop(url, None)
         else:
-            current[url] = Version(generation, fingerprint, fmt, size or 0)
+            current[intern(url)] = Version(generation, intern(fingerprint), fmt, size or 0)
     return current
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
+from sys import intern  # a shard's URL and fingerprint: one copy, however many maps hold them
 
 import fsspec
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ class CommitRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> CommitRecord:
         data = json.loads(raw)
-        ranges = {url: [tuple(r) for r in rs] for url, rs in data["ranges"].items()}
+        ranges = {intern(url): [tuple(r) for r in rs] for url, rs in data["ranges"].items()}
         return cls(
             data["part"],
             data["rows"],
@@ -266,7 +267,8 @@ def add_read_record(state: OutputState, data: dict) -> None:
     if "done" not in data and "failed" not in data:  # manifest version 1: one file per shard
         data = {"failed": [data]} if "reason" in data else {"done": [data]}
     for done in data.get("done", []):
-        state.shards_done[done["url"], done["fingerprint"]] = ShardDone(done["url"], done["fingerprint"], done["rows"])
+        url, fingerprint = intern(done["url"]), intern(done["fingerprint"])
+        state.shards_done[url, fingerprint] = ShardDone(url, fingerprint, done["rows"])
     for failed in data.get("failed", []):
         state.file_failures[failed["url"], failed["fingerprint"]] = FileFailure(**failed)
 

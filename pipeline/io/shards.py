@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from sys import intern  # shared with the manifest's maps: one copy per shard
 
 import fsspec
 
@@ -111,11 +112,11 @@ def discover_shards(
         prints = [shard_fingerprint(info) for _, info, _ in found]
     return [
         Shard(
-            url=fs.unstrip_protocol(name),
+            url=intern(fs.unstrip_protocol(name)),
             relative_path=name[len(root) :].lstrip("/") if name.startswith(root) else name,
             format=fmt,
             size_bytes=int(info.get("size") or 0),
-            fingerprint=print_,
+            fingerprint=intern(print_),
         )
         for (name, info, fmt), print_ in zip(found, prints, strict=True)
     ]
