@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -93,6 +94,16 @@ def output_identity(record: dict) -> str:
     first = record["generations"][0] if record["generations"] else {}
     basis = [first.get("input"), first.get("created"), record["settings"].get("model_weights_sha256")]
     return hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:16]
+
+
+def shard_batches(versions: Versions, size: int) -> Iterator[tuple[int, list[str]]]:
+    """(generation, up to `size` shards of it): versions grouped for targets that delete by predicate."""
+    by_generation: dict[int, list[str]] = {}
+    for shard, generation in versions:
+        by_generation.setdefault(generation, []).append(shard)
+    for generation, shards in sorted(by_generation.items()):
+        for start in range(0, len(shards), size):
+            yield generation, shards[start : start + size]
 
 
 def superseded_versions(inputs: pa.Table, *, since: int) -> Versions:

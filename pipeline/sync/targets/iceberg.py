@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import SettingsError, TargetConflictError, TargetUnreachableError
 from pipeline.faults import failpoint
-from pipeline.sync.log import Position, Versions
+from pipeline.sync.log import Position, Versions, shard_batches
 from pipeline.sync.rows import CHANGED_WHEN
 from pipeline.sync.targets.base import Target, Upserted
 
@@ -104,17 +104,11 @@ class IcebergTarget(Target):
     def delete_versions(self, versions: Versions) -> int:
         from pyiceberg.expressions import And, EqualTo, In
 
-        by_generation: dict[int, list[str]] = {}
-        for shard, generation in versions:
-            by_generation.setdefault(generation, []).append(shard)
         tx, deleted = self._transaction(), 0
-        for generation, shards in sorted(by_generation.items()):
-            for start in range(0, len(shards), SHARDS_PER_DELETE):
-                selected = And(
-                    EqualTo("generation", generation), In("shard", shards[start : start + SHARDS_PER_DELETE])
-                )
-                deleted += self._scan(tx, selected, ("id",)).num_rows
-                tx.delete(selected)
+        for generation, shards in shard_batches(versions, SHARDS_PER_DELETE):
+            selected = And(EqualTo("generation", generation), In("shard", shards))
+            deleted += self._scan(tx, selected, ("id",)).num_rows
+            tx.delete(selected)
         return deleted
 
     def save_position(self, position: Position) -> None:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipeline.config import StorageConfig
 from pipeline.errors import SettingsError, TargetConflictError
 from pipeline.faults import failpoint
-from pipeline.sync.log import Position, Versions
+from pipeline.sync.log import Position, Versions, shard_batches
 from pipeline.sync.rows import CHANGED_WHEN
 from pipeline.sync.targets.base import Target, Upserted
 
@@ -78,16 +78,10 @@ class LanceDBTarget(Target):
         return Upserted(inserted, updated, rows.num_rows - inserted - updated)
 
     def delete_versions(self, versions: Versions) -> int:
-        by_generation: dict[int, list[str]] = {}
-        for shard, generation in versions:
-            by_generation.setdefault(generation, []).append(shard)
         deleted = 0
-        for generation, shards in sorted(by_generation.items()):
-            for start in range(0, len(shards), SHARDS_PER_DELETE):
-                listed = ", ".join(_literal(s) for s in shards[start : start + SHARDS_PER_DELETE])
-                deleted += self._table.delete(
-                    f"generation = {int(generation)} AND shard IN ({listed})"
-                ).num_deleted_rows
+        for generation, shards in shard_batches(versions, SHARDS_PER_DELETE):
+            listed = ", ".join(_literal(s) for s in shards)
+            deleted += self._table.delete(f"generation = {int(generation)} AND shard IN ({listed})").num_deleted_rows
         return deleted
 
     def save_position(self, position: Position) -> None:

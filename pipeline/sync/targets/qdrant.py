@@ -17,7 +17,7 @@ from qdrant_client import QdrantClient, models
 
 from pipeline.errors import SettingsError, TargetConflictError, TargetUnreachableError
 from pipeline.faults import failpoint
-from pipeline.sync.log import Position, Versions
+from pipeline.sync.log import Position, Versions, shard_batches
 from pipeline.sync.rows import CHANGED_WHEN
 from pipeline.sync.targets.base import Target, Upserted
 
@@ -112,22 +112,16 @@ class QdrantTarget(Target):
         return Upserted(inserted, len(write) - inserted, len(ids) - len(write))
 
     def delete_versions(self, versions: Versions) -> int:
-        by_generation: dict[int, list[str]] = {}
-        for shard, generation in versions:
-            by_generation.setdefault(generation, []).append(shard)
         deleted = 0
-        for generation, shards in sorted(by_generation.items()):
-            for start in range(0, len(shards), SHARDS_PER_DELETE):
-                selected = models.Filter(
-                    must=[
-                        models.FieldCondition(key="generation", match=models.MatchValue(value=generation)),
-                        models.FieldCondition(
-                            key="shard", match=models.MatchAny(any=shards[start : start + SHARDS_PER_DELETE])
-                        ),
-                    ]
-                )
-                deleted += self._client.count(self._name, count_filter=selected, exact=True).count
-                self._client.delete(self._name, models.FilterSelector(filter=selected), wait=True)
+        for generation, shards in shard_batches(versions, SHARDS_PER_DELETE):
+            selected = models.Filter(
+                must=[
+                    models.FieldCondition(key="generation", match=models.MatchValue(value=generation)),
+                    models.FieldCondition(key="shard", match=models.MatchAny(any=shards)),
+                ]
+            )
+            deleted += self._client.count(self._name, count_filter=selected, exact=True).count
+            self._client.delete(self._name, models.FilterSelector(filter=selected), wait=True)
         return deleted
 
     def save_position(self, position: Position) -> None:
