@@ -167,3 +167,19 @@ def test_a_crash_at_each_commit_step_is_recovered_to_all_or_nothing(tmp_path, po
         == output_schema(4, "float32").field("embedding").type
     )
     assert read_state(fs, root).committed_rows == 6
+
+
+def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
+    """s3fs caches every listing it makes; a driver listing a million shards would keep all their info
+    dicts for the whole run. Discovery finds nested shards and the same ones twice, and empties it."""
+    files = {
+        f"{s3.bucket}/in/{d}/{i}.jsonl": jsonl_bytes(make_docs(1, seed=i, prefix=f"{d}{i}"))
+        for d in "ab"
+        for i in range(3)
+    }
+    files[f"{s3.bucket}/in/a/deeper/x.jsonl"] = b'{"text": "x"}\n'
+    s3.pipe(files)
+    found = discover_shards(s3, f"{s3.bucket}/in")
+    assert [s.relative_path for s in found] == sorted(p.split("/in/", 1)[1] for p in files)
+    assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
+    assert discover_shards(s3, f"{s3.bucket}/in") == found  # listed again, the same

@@ -4,11 +4,13 @@ what changed."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from sys import intern  # shared with the manifest's maps: one copy per shard
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import NoInputError
 
@@ -81,42 +83,65 @@ def discover_shards(
     A folder, given or matched by a glob, is searched inside, whatever its name.
     """
     if any(ch in path for ch in "*?["):
-        infos = {}
-        for name, info in fs.glob(path, detail=True).items():
-            infos |= fs.find(name, detail=True) if info.get("type") == "directory" else {name: info}
+        matches = fs.glob(path, detail=True)
+        listed = (entry for name, info in matches.items() for entry in _files(fs, name, info))
         root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
-        infos = fs.find(path, detail=True)
+        listed = _files(fs, path, {"type": "directory"})
         root = path.rstrip("/")
     elif fs.exists(path):
-        infos = {path: fs.info(path)}
+        listed = iter([(path, fs.info(path))])
         root = path.rsplit("/", 1)[0]
     else:
         raise NoInputError(f"input {fs.unstrip_protocol(path)} does not exist; check the path and its credentials")
-    found = []
-    for name, info in sorted(infos.items()):
+    found = []  # (name, size, format, fingerprint or None): no listing dict outlives its folder
+    for name, info in listed:
         if info.get("type") == "directory" or name.rsplit("/", 1)[-1].startswith(("_", ".")):
             continue
         fmt = shard_format(name, requested_format)
         if fmt is not None:
-            found.append((name, info, fmt))
+            print_ = None if fingerprint_mode == "content" else shard_fingerprint(info)
+            found.append((name, int(info.get("size") or 0), fmt, print_))
     if not found:
         raise NoInputError(
             f"no .jsonl[.gz|.zst], .parquet or .txt shards found at {fs.unstrip_protocol(path)}; "
             "check the path, or set --format for other extensions"
         )
+    found.sort()
+    found = [entry for i, entry in enumerate(found) if i == 0 or entry[0] != found[i - 1][0]]  # a glob may match twice
     if fingerprint_mode == "content":
         with ThreadPoolExecutor(max_workers=8) as pool:  # reading and hashing release the GIL
-            prints = list(pool.map(lambda entry: content_fingerprint(fs, entry[0], entry[1].get("size")), found))
-    else:
-        prints = [shard_fingerprint(info) for _, info, _ in found]
+            prints = list(pool.map(lambda entry: content_fingerprint(fs, entry[0], entry[1]), found))
+        found = [(name, size, fmt, print_) for (name, size, fmt, _), print_ in zip(found, prints, strict=True)]
     return [
         Shard(
             url=intern(fs.unstrip_protocol(name)),
             relative_path=name[len(root) :].lstrip("/") if name.startswith(root) else name,
             format=fmt,
-            size_bytes=int(info.get("size") or 0),
+            size_bytes=size,
             fingerprint=intern(print_),
         )
-        for (name, info, fmt), print_ in zip(found, prints, strict=True)
+        for name, size, fmt, print_ in found
     ]
+
+
+def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tuple[str, dict]]:
+    """(name, info) of `path` itself, or of every file below it.
+
+    An object store is listed in one recursive listing (a request per 1,000 objects, where a folder at
+    a time would be a request per folder); the listing cache it fills is emptied once read, or the
+    driver would hold every object's info for the whole run. A local folder is walked a folder at a
+    time, so that only one folder's info dicts are alive at once.
+    """
+    if info.get("type") != "directory":
+        yield path, info
+    elif isinstance(fs, LocalFileSystem):
+        for _, _, files in fs.walk(path, detail=True):
+            for file_info in files.values():
+                yield file_info["name"], file_info
+    else:
+        yield from fs.find(path, detail=True).items()
+        below = path.rstrip("/") + "/"
+        for cached in [key for key in fs.dircache if key.startswith(below)]:
+            fs.dircache.pop(cached, None)
+        fs.invalidate_cache(path)  # the folder itself and its parents
