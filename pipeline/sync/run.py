@@ -28,6 +28,7 @@ from pipeline.sync.targets import open_target
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 20_000
+PROGRESS_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -84,6 +85,7 @@ def sync_output(
             f"{output.generations} -> {target.description}"
         )
         columns = part_columns(schema)
+        next_line_at = time.monotonic() + PROGRESS_INTERVAL_S
         for commit, shards in todo:
             rows = to_target_rows(part_current_rows(fs, root, commit, shards, columns=columns), schema, commit.part)
             for start in range(0, rows.num_rows, batch_rows):
@@ -94,12 +96,16 @@ def sync_output(
             applied.add(commit.part)
             target.save_position(Position(output.identity, done_generations, frozenset(applied)))
             summary.parts_applied += 1
-            progress(
-                f"sync: part {summary.parts_applied}/{len(todo)}: {summary.inserted:,} inserted, "
-                f"{summary.updated:,} updated, {summary.unchanged:,} unchanged"
-            )
+            if time.monotonic() >= next_line_at or summary.parts_applied == len(todo):
+                next_line_at = time.monotonic() + PROGRESS_INTERVAL_S
+                progress(
+                    f"sync: part {summary.parts_applied:,}/{len(todo):,}: {summary.inserted:,} inserted, "
+                    f"{summary.updated:,} updated, {summary.unchanged:,} unchanged"
+                )
         if done_generations < output.generations:
-            summary.deleted = target.delete_versions(output.superseded_since(done_generations))
+            superseded = output.superseded_since(done_generations)
+            progress(f"sync: deleting the rows of {len(superseded):,} replaced or deleted shard versions")
+            summary.deleted = target.delete_versions(superseded)
         final = output.position()
         if position != final:
             target.save_position(final)
