@@ -117,7 +117,7 @@ def sync_output(
     summary.wall_s = round(time.monotonic() - started, 3)
     if summary.target_rows != summary.view_rows:
         raise TargetMismatchError(
-            f"{summary.target.split('?')[0]} holds {summary.target_rows:,} rows but the output's current view has "
+            f"{summary.target} holds {summary.target_rows:,} rows but the output's current view has "
             f"{summary.view_rows:,}: rows were changed there by something else, or the view repeats an id "
             "(`neobert-pipeline verify` reports repeated ids); sync into a new table to start clean"
         )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from pipeline.errors import TargetConflictError
 from pipeline.sync.log import Position, Versions
 
 
@@ -58,3 +59,14 @@ class Target(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release connections."""
+
+
+def other_shape(description: str, found, wanted, advice: str) -> TargetConflictError:
+    """The error for a table that exists with other (name, type) columns than the output needs."""
+    return TargetConflictError(
+        f"{description} exists with columns {_listed(found)}; this output needs {_listed(wanted)}: {advice}"
+    )
+
+
+def _listed(columns) -> str:
+    return ", ".join(f"{name} {kind}" for name, kind in columns)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import SettingsError, TargetConflictError, TargetUnreachableError
+from pipeline.errors import SettingsError, TargetUnreachableError
 from pipeline.faults import failpoint
 from pipeline.sync.log import Position, Versions, shard_batches
 from pipeline.sync.rows import CHANGED_WHEN
-from pipeline.sync.targets.base import Target, Upserted
+from pipeline.sync.targets.base import Target, Upserted, other_shape
 
 POSITION_PROPERTY = "neobert.position"
 SHARDS_PER_DELETE = 1_000
@@ -61,10 +61,7 @@ class IcebergTarget(Target):
         self._empty_at_start = unique_ids and self._table.scan().count() == 0
         found, wanted = _columns(self._table.schema().as_arrow()), _columns(self._schema)
         if found != wanted:
-            raise TargetConflictError(
-                f"{self.description} exists with columns {_listed(found)}; this output needs "
-                f"{_listed(wanted)}: sync into another table"
-            )
+            raise other_shape(self.description, found, wanted, "sync into another table")
 
     def position(self) -> Position | None:
         text = self._table.properties.get(POSITION_PROPERTY)
@@ -154,7 +151,3 @@ def iceberg_arrow_schema(schema: pa.Schema) -> pa.Schema:
 def _columns(schema: pa.Schema) -> list[tuple[str, str]]:
     # Iceberg reads strings and lists back as their large Arrow forms: the same column.
     return [(f.name, str(f.type).replace("large_", "")) for f in schema]
-
-
-def _listed(columns) -> str:
-    return ", ".join(f"{name} {kind}" for name, kind in columns)

@@ -14,11 +14,11 @@ import lancedb
 import pyarrow as pa
 
 from pipeline.config import StorageConfig
-from pipeline.errors import SettingsError, TargetConflictError
+from pipeline.errors import SettingsError
 from pipeline.faults import failpoint
 from pipeline.sync.log import Position, Versions, shard_batches
 from pipeline.sync.rows import CHANGED_WHEN
-from pipeline.sync.targets.base import Target, Upserted
+from pipeline.sync.targets.base import Target, Upserted, other_shape
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,100}$")
 SHARDS_PER_DELETE = 1_000
@@ -45,9 +45,8 @@ class LanceDBTarget(Target):
             self._table = self._db.open_table(self._name)
             found = [(f.name, f.type) for f in self._table.schema]
             if found != [(f.name, f.type) for f in schema]:
-                raise TargetConflictError(
-                    f"{self.description} exists with columns {_listed(found)}; this output needs "
-                    f"{_listed((f.name, f.type) for f in schema)}: sync into another --table"
+                raise other_shape(
+                    self.description, found, [(f.name, f.type) for f in schema], "sync into another --table"
                 )
         else:
             self._table = self._db.create_table(self._name, schema=schema)
@@ -105,7 +104,3 @@ class LanceDBTarget(Target):
 def _literal(text: str) -> str:
     """A SQL string literal (the predicate language takes no parameters)."""
     return "'" + text.replace("'", "''") + "'"
-
-
-def _listed(columns) -> str:
-    return ", ".join(f"{name} {kind}" for name, kind in columns)

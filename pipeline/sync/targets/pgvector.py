@@ -15,11 +15,11 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from pipeline.errors import SettingsError, TargetConflictError, TargetUnreachableError
+from pipeline.errors import SettingsError, TargetUnreachableError
 from pipeline.faults import failpoint
 from pipeline.sync.log import Position, Versions
 from pipeline.sync.rows import CHANGED_WHEN
-from pipeline.sync.targets.base import Target, Upserted
+from pipeline.sync.targets.base import Target, Upserted, other_shape
 from pipeline.sync.targets.pg_binary import copy_data
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,46}$")  # leaves room for the suffixes of derived names
@@ -75,10 +75,7 @@ class PgvectorTarget(Target):
                 [self._qualified],
             ).fetchall()
             if found and found != columns:
-                raise TargetConflictError(
-                    f"{self.description} exists with columns {_listed(found)}; this output needs "
-                    f"{_listed(columns)}: sync into another --table, or drop that one"
-                )
+                raise other_shape(self.description, found, columns, "sync into another --table, or drop that one")
             if not found:
                 definition = sql.SQL(", ").join(
                     sql.SQL("{} {}{}").format(
@@ -180,7 +177,3 @@ class PgvectorTarget(Target):
 
     def close(self) -> None:
         self._db.close()
-
-
-def _listed(columns) -> str:
-    return ", ".join(f"{name} {kind}" for name, kind in columns)
