@@ -183,3 +183,6 @@ def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
     assert [s.relative_path for s in found] == sorted(p.split("/in/", 1)[1] for p in files)
     assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
     assert discover_shards(s3, f"{s3.bucket}/in") == found  # listed again, the same
+    globbed = discover_shards(s3, f"{s3.bucket}/in/a/*.jsonl")  # a glob's own listing is forgotten too
+    assert [s.relative_path for s in globbed] == ["0.jsonl", "1.jsonl", "2.jsonl"]
+    assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)

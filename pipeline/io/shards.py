@@ -102,6 +102,7 @@ def discover_shards(
         if fmt is not None:
             print_ = None if fingerprint_mode == "content" else shard_fingerprint(info)
             found.append((name, int(info.get("size") or 0), fmt, print_))
+    _forget_listings(fs, root)
     if not found:
         raise NoInputError(
             f"no .jsonl[.gz|.zst], .parquet or .txt shards found at {fs.unstrip_protocol(path)}; "
@@ -129,7 +130,7 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
     """(name, info) of `path` itself, or of every file below it.
 
     An object store is listed in one recursive listing (a request per 1,000 objects, where a folder at
-    a time would be a request per folder); the listing cache it fills is emptied once read, or the
+    a time would be a request per folder); discover_shards empties the listing cache it fills, or the
     driver would hold every object's info for the whole run. A local folder is walked a folder at a
     time, so that only one folder's info dicts are alive at once.
     """
@@ -141,7 +142,11 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
                 yield file_info["name"], file_info
     else:
         yield from fs.find(path, detail=True).items()
-        below = path.rstrip("/") + "/"
-        for cached in [key for key in fs.dircache if key.startswith(below)]:
-            fs.dircache.pop(cached, None)
-        fs.invalidate_cache(path)  # the folder itself and its parents
+
+
+def _forget_listings(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Empty fsspec's listing cache at and below root (a glob's listing, a folder's find)."""
+    below = root.rstrip("/") + "/"
+    for cached in [key for key in fs.dircache if key.startswith(below)]:
+        fs.dircache.pop(cached, None)
+    fs.invalidate_cache(root)  # root itself and its parents
