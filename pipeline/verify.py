@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
-from pipeline.io.current import current_shards
+from pipeline.io.current import current_parts
 from pipeline.io.generations import DELETED, current_inputs, fingerprints, recorded_inputs
 from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD, urls_of
 from pipeline.io.lease import acquire_lease, lease_supported
@@ -178,7 +178,7 @@ def _check_part_contents(
         ERRORS: [schema_shape(ERRORS_SCHEMA), schema_shape(ERROR_ROWS_SCHEMA)],
     }
     published = [c for c in state.commits if not state.unpublished(c)]
-    current_parts = [(c, shards) for c in published if c.embedded_rows and (shards := current_shards(c, current))]
+    parts_of_view = current_parts(published, current)
     policy = settings.get("duplicate_ids", "keep")
     # Without an id field, ids are shard#row: unique exactly when every row is committed once.
     check_ids = bool(settings.get("id_field"))
@@ -191,13 +191,13 @@ def _check_part_contents(
     elif state.committed_rows <= local_rows:  # small: here, in less time than Ray takes to start
         found = check_parts_here(output_url, storage, published, expected, chunks=chunks)
         if check_ids:
-            repeated = repeated_ids_here(output_url, storage, current_parts, chunks=chunks, examples=MAX_LISTED)
+            repeated = repeated_ids_here(output_url, storage, parts_of_view, chunks=chunks, examples=MAX_LISTED)
             _report_repeats(*repeated, policy, report)
     else:
         with ray_for_checks():
             found = check_parts(output_url, storage, published, expected, chunks=chunks)
             if check_ids:
-                repeated = repeated_ids(output_url, storage, current_parts, chunks=chunks, examples=MAX_LISTED)
+                repeated = repeated_ids(output_url, storage, parts_of_view, chunks=chunks, examples=MAX_LISTED)
                 _report_repeats(*repeated, policy, report)
     report.problems.extend(problem for _, problem in sorted(found))
 
