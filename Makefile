@@ -10,12 +10,19 @@ DEMO_OUT ?= demo-output
 
 .PHONY: demo test test-slow lint format clean bench bench-gpu constraints image
 
+AZURITE := tests/azurite/node_modules/.bin/azurite-blob
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_CPU)"
 	$(BIN)/python -m pip install -q --constraint constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# Azurite, the Azure Blob server the storage tests start, at the version tests/azurite/package-lock.json pins.
+$(AZURITE): tests/azurite/package.json tests/azurite/package-lock.json
+	npm ci --prefix tests/azurite --no-audit --no-fund --loglevel=error
+	touch $(AZURITE)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo --output $(DEMO_OUT) $(if $(MODEL),--model $(MODEL))
@@ -29,14 +36,14 @@ format: $(STAMP)
 	$(BIN)/ruff format pipeline jobs tests benchmarks
 	$(BIN)/ruff check --fix pipeline jobs tests benchmarks
 
-test: lint
+test: lint $(AZURITE)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(AZURITE)
 	$(BIN)/python -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache tests/azurite/node_modules
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)

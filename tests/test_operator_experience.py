@@ -16,8 +16,8 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import _free_port
 from corpus import jsonl_bytes, make_docs, parquet_bytes
+from object_stores import free_port
 
 import pipeline
 from pipeline.cli import build_parser, main
@@ -246,7 +246,7 @@ def test_a_ray_started_on_this_machine_is_left_alone_unless_asked_for(corpus, tm
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--port", str(_free_port()), "--num-cpus", "1", "--block"],
+        [ray_bin, "start", "--head", "--port", str(free_port()), "--num-cpus", "1", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
