@@ -1,4 +1,5 @@
-"""The writer lease and the fencing of a lost writer's commits, on local disk and on the S3 server, without Ray.
+"""The writer lease and the fencing of a lost writer's commits, on every store (local disk, and the S3,
+GCS and Azure servers), without Ray.
 
 Each test plays the drivers and workers in this process (a worker of a dead run is a commit written
 with its old token); tests/test_concurrency.py runs real jobs against each other.
@@ -15,12 +16,19 @@ import time
 import fsspec
 import pyarrow as pa
 import pytest
-from conftest import Store
+from conftest import Store, make_store
 
 from pipeline.io.layout import COMMITS, LEASE, PARTS, QUARANTINE, STAGING, atomic_write, join, move, parquet_bytes
 from pipeline.io.lease import LeaseHeldError, LeaseLostError, acquire_lease, check_lease, read_lease
 from pipeline.io.manifest import CommitRecord, read_state
 from pipeline.io.recovery import recover
+
+
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
+def store(request, tmp_path) -> Store:
+    """Each store's own exclusive create: a hard link, S3's If-None-Match: *, GCS's ifGenerationMatch=0,
+    Azure's If-None-Match: *."""
+    return make_store(request, tmp_path, request.param)
 
 
 def dead_pid() -> int:
@@ -155,7 +163,7 @@ def test_a_store_without_an_exclusive_create_is_refused_unless_told_to_go_withou
     from pipeline.errors import SettingsError
     from pipeline.io.lease import writer_lease
 
-    fs = fsspec.filesystem("memory")  # stands for gs:// and az://, which the lease does not support here
+    fs = fsspec.filesystem("memory")  # no exclusive create: stands for a store the lease does not know
     config = load_config(None, {"input": "x", "output": "memory://out"})
     with pytest.raises(SettingsError, match="--no-lease"), writer_lease(config, fs, "/out"):
         pass

@@ -96,10 +96,17 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
-    """Rename locally (atomic); server-side copy then delete on object stores (the copy is atomic)."""
+    """Rename locally (atomic); server-side copy then delete on object stores (the copy is atomic).
+
+    Object stores get the copy and delete spelled out: gcsfs's mv first tries GCS's moveTo, which not
+    every GCS-compatible server has, and retries it with backoff for half a minute before copying.
+    """
     if is_local(fs):
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    fs.mv(source, target)
+        fs.mv(source, target)
+        return
+    fs.copy(source, target)
+    fs.rm_file(source)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

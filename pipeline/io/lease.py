@@ -51,7 +51,7 @@ KEPT_TOKENS = 4
 # that kept it from marking its lease abandoned (the store was down).
 _ENDED_IN_THIS_PROCESS: set[str] = set()
 # Stores whose filesystem here does an exclusive create.
-SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a")
+SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 class LeaseHeldError(PipelineError):
@@ -276,6 +276,7 @@ def _store_now(fs: fsspec.AbstractFileSystem, root: str) -> float:
     probe = join(root, LEASE, f"clock-{uuid.uuid4().hex[:8]}")
     fs.pipe_file(probe, b"")
     try:
+        fs.invalidate_cache(join(root, LEASE))  # adlfs answers info from its last listing of the folder
         return modified_s(fs.info(probe))
     finally:
         fs.rm(probe)
