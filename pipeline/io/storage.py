@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import fsspec
@@ -10,18 +11,30 @@ from fsspec.registry import registry as imported_filesystems  # protocol -> clas
 from pipeline.config import StorageConfig
 from pipeline.errors import SettingsError
 
+# Loggers that report every request at INFO, which would drown the job's own log; kept at WARNING
+# unless the user set a level for them.
+CHATTY_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "fsspec.caching")
+
 
 def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path or any fsspec URL."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol not in imported_filesystems:  # its library is about to be imported in this process
         forget_interrupted_imports()
+        quiet_chatty_loggers()
     try:
         return fsspec.core.url_to_fs(url, **storage.fsspec_options(protocol))
     except ImportError as err:
         raise SettingsError(
             f"reading {protocol}:// needs an extra package ({err}); e.g. pip install 'neobert-pipeline[gcs]'"
         ) from err
+
+
+def quiet_chatty_loggers() -> None:
+    for name in CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def forget_interrupted_imports() -> list[str]:
