@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,10 @@ DEFAULT_MAX_ERROR_RATE = 0.05
 
 class ConfigError(SettingsError):
     """A config file or flag has an unknown key or a bad value."""
+
+
+GCS_PROTOCOLS = ("gs", "gcs")
+AZURE_PROTOCOLS = ("az", "abfs", "abfss")
 
 
 class StorageConfig(BaseModel):
@@ -46,6 +51,14 @@ class StorageConfig(BaseModel):
             options.setdefault("config_kwargs", {}).setdefault(
                 "retries", {"max_attempts": self.max_attempts, "mode": "standard"}
             )
+        elif protocol in GCS_PROTOCOLS:
+            if self.anon:
+                options["token"] = "anon"
+            elif os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") and "token" not in options:
+                # gcsfs's own chain would go on to anonymous access when the file named there is unusable.
+                options["token"] = "google_default"
+        elif protocol in AZURE_PROTOCOLS and self.anon:
+            options["anon"] = True
         return options
 
 

@@ -12,7 +12,14 @@ RUN_TIMEOUT_S = 180
 
 
 def embed_process(
-    input_dir, output_dir, model, *extra: str, failpoint: str | None = None, target: str = "driver", once=None
+    input_dir,
+    output_dir,
+    model,
+    *extra: str,
+    failpoint: str | None = None,
+    target: str = "driver",
+    once=None,
+    id_field: str | None = "id",
 ) -> int:
     """Run `neobert-pipeline embed` to completion or to its failpoint (pipeline/faults.py), killed there
     with SIGKILL; its exit code. Nothing outlives it: the process group dies as a machine would."""
@@ -25,7 +32,8 @@ def embed_process(
             env["NEOBERT_PIPELINE_DRIVER_PID"] = "0"  # nobody to kill but the worker itself
     command = [
         *(sys.executable, "-m", "pipeline.cli", "embed", str(input_dir), str(output_dir)),
-        *("--model", str(model), "--id-field", "id", "--num-cpus", "2"),
+        *("--model", str(model), "--num-cpus", "2"),
+        *(("--id-field", id_field) if id_field else ()),
         *("--tokens-per-batch", "512", "--rows-per-tokenize-batch", "64", "--target-file-mb", "0.03"),
         *extra,
     ]

@@ -43,15 +43,16 @@ def assert_complete_and_correct(output_dir, docs, tiny_encoder):
 
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
-# The kills before a commit (read, embed) are also among test_sweep's random points: they run with
-# `make test-slow`, keeping `make test` under its 15 minutes; the commit steps run every time.
+# The kills before a commit (read, embed) are also among test_sweep's random points, and the kill after
+# a commit is tests/test_storage_matrix.py's on every store: they run with `make test-slow`, keeping
+# `make test` under its 15 minutes; the kill between staging and commit runs every time.
 @pytest.mark.parametrize(
     "point",
     [
         pytest.param("read", marks=pytest.mark.slow),
         pytest.param("embed", marks=pytest.mark.slow),
         "sink.after_stage",
-        "sink.after_commit",
+        pytest.param("sink.after_commit", marks=pytest.mark.slow),
     ],
 )
 def test_driver_killed_at_any_point_then_rerun_gives_the_uninterrupted_output(

@@ -8,12 +8,14 @@ import sys
 import fsspec
 from fsspec.registry import registry as imported_filesystems  # protocol -> class, once its library is imported
 
-from pipeline.config import StorageConfig
-from pipeline.errors import SettingsError
+from pipeline.config import AZURE_PROTOCOLS, GCS_PROTOCOLS, StorageConfig
+from pipeline.errors import AZURE_CREDENTIALS, SettingsError, StorageAccessError
 
 # Loggers that report every request at INFO, which would drown the job's own log; kept at WARNING
 # unless the user set a level for them.
-CHATTY_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "fsspec.caching")
+# The optional install that brings each store's library.
+EXTRAS = {**dict.fromkeys(GCS_PROTOCOLS, "gcs"), **dict.fromkeys(AZURE_PROTOCOLS, "azure")}
+CHATTY_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "fsspec.caching")
 
 
 def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -25,9 +27,14 @@ def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFil
     try:
         return fsspec.core.url_to_fs(url, **storage.fsspec_options(protocol))
     except ImportError as err:
-        raise SettingsError(
-            f"reading {protocol}:// needs an extra package ({err}); e.g. pip install 'neobert-pipeline[gcs]'"
-        ) from err
+        extra = EXTRAS.get(protocol)
+        install = f"pip install 'neobert-pipeline[{extra}]'" if extra else "install the fsspec library for it"
+        raise SettingsError(f"{protocol}:// needs a package that is not installed ({err}): {install}") from err
+    except ValueError as err:
+        if protocol in AZURE_PROTOCOLS:  # adlfs found no account to connect to
+            message = f"no usable Azure Blob credentials for {url} ({err}); {AZURE_CREDENTIALS}"
+            raise StorageAccessError(message) from err
+        raise
 
 
 def quiet_chatty_loggers() -> None:

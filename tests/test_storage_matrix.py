@@ -1,0 +1,159 @@
+"""One night on every store the README names: embed from it and to it, killed after a commit, resumed,
+verified; the same scenario on local disk, S3 (moto), GCS (its emulator) and Azure Blob (Azurite).
+
+Every input format is read from the store (JSONL, gzip JSONL in a subfolder, Parquet, text), the first
+run is a real `neobert-pipeline embed` process killed with SIGKILL right after its first commit, and
+the resumed run must leave every document embedded exactly once, equal to the model's own answer.
+Credentials come from each store's standard chain: the variables conftest.py sets.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from cli_process import RUN_TIMEOUT_S, embed_process
+from conftest import make_store
+from corpus import jsonl_bytes, make_docs, parquet_bytes
+from object_stores import AZURITE_KEY
+
+from pipeline.config import load_config
+from pipeline.errors import StorageAccessError
+from pipeline.io.current import current_rows
+from pipeline.io.layout import COMMITS, join
+from pipeline.job import run_embedding_job
+from pipeline.verify import verify_output
+
+
+def corpus() -> dict[str, list[dict]]:
+    """Shard path below the input -> its documents, one shard per input format."""
+    return {
+        "a.jsonl": make_docs(40, seed=700, prefix="a"),
+        "nested/b.jsonl.gz": make_docs(35, seed=701, prefix="b"),
+        "c.parquet": make_docs(30, seed=702, prefix="c"),
+        "d.txt": make_docs(25, seed=703, prefix="d"),
+    }
+
+
+def shard_bytes(name: str, docs: list[dict]) -> bytes:
+    if name.endswith(".parquet"):
+        return parquet_bytes(docs)
+    if name.endswith(".txt"):
+        return "".join(d["text"] + "\n" for d in docs).encode()
+    return jsonl_bytes(docs, "gz" if name.endswith(".gz") else None)
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+@pytest.mark.parametrize("kind", ["local", "s3", "gcs", "azure"])
+def test_a_run_killed_after_a_commit_resumes_to_every_document_once_on_every_store(
+    kind, request, tmp_path, ray_local, tiny_checkpoint, tiny_encoder
+):
+    source, output = make_store(request, tmp_path, kind, "in"), make_store(request, tmp_path, kind, "out")
+    texts = {}
+    for name, docs in corpus().items():
+        if kind == "local":
+            source.fs.makedirs(join(source.root, name).rsplit("/", 1)[0], exist_ok=True)
+        source.fs.pipe_file(join(source.root, name), shard_bytes(name, docs))
+        texts |= {f"{name}#{row}": doc["text"] for row, doc in enumerate(docs)}  # derived ids: no --id-field
+    endpoint = ("--endpoint-url", output.storage.endpoint_url) if output.storage.endpoint_url else ()
+
+    once = tmp_path / "fired"
+    killed = embed_process(
+        source.url, output.url, tiny_checkpoint, *endpoint, failpoint="sink.after_commit", once=once, id_field=None
+    )
+    assert killed == -signal.SIGKILL and once.exists()
+    assert output.files(COMMITS), "killed after a commit record"
+    assert not verify_output(output.url, output.storage).ok, "an interrupted output does not pass"
+
+    settings = {"input": source.url, "output": output.url, "model": str(tiny_checkpoint), "target_file_mb": 0.03}
+    if output.storage.endpoint_url:
+        settings["storage"] = {"endpoint_url": output.storage.endpoint_url}
+    summary = run_embedding_job(load_config(None, settings))
+    assert 0 < summary.documents < len(texts), "the resumed run embeds only what the killed one had not committed"
+
+    report = verify_output(output.url, output.storage)
+    assert report.ok, report.problems
+    table = current_rows(output.url, output.storage, columns=["id", "embedding"]).read_all()
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(texts), "every document exactly once"
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(vectors, tiny_encoder.encode([texts[i] for i in ids]), atol=1e-5)
+
+
+def cli(*args: str, env: dict, prelude: str = "") -> subprocess.CompletedProcess:
+    """`neobert-pipeline ARGS` as a process of its own (prelude: Python run before it, in it)."""
+    code = f"{prelude}\nimport sys\nfrom pipeline.cli import main\nraise SystemExit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def without(*prefixes: str) -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+def test_wrong_or_missing_azure_credentials_end_in_one_line_naming_the_store_and_never_the_secret(
+    request, tmp_path, tiny_checkpoint
+):
+    source = make_store(request, tmp_path, "azure", "in")
+    source.fs.pipe_file(join(source.root, "a.jsonl"), jsonl_bytes(make_docs(3, seed=1, prefix="a")))
+    wrong_key = base64.b64encode(b"a wrong key that must never be printed, 64 bytes long.........").decode()
+    wrong = os.environ["AZURE_STORAGE_CONNECTION_STRING"].replace(AZURITE_KEY, wrong_key)
+    assert wrong_key in wrong
+    args = ("embed", source.url, str(tmp_path / "out"), "--model", str(tiny_checkpoint))
+
+    refused = cli(*args, env={**os.environ, "AZURE_STORAGE_CONNECTION_STRING": wrong})
+    line = one_error_line(refused)
+    assert refused.returncode == StorageAccessError.exit_code == 9
+    assert "Azure Blob refused the credentials" in line and "AZURE_STORAGE_CONNECTION_STRING" in line
+    for secret in (wrong_key, AZURITE_KEY):
+        assert secret not in refused.stdout + refused.stderr
+
+    missing = cli(*args, env=without("AZURE_"))
+    assert missing.returncode == 9
+    assert "no usable Azure Blob credentials" in one_error_line(missing)
+
+
+def test_an_unusable_gcs_credentials_file_ends_in_one_line_naming_it_and_never_its_key(
+    request, tmp_path, tiny_checkpoint
+):
+    source = make_store(request, tmp_path, "gcs", "in")
+    source.fs.pipe_file(join(source.root, "a.jsonl"), jsonl_bytes(make_docs(3, seed=1, prefix="a")))
+    secret = "c2VjcmV0LWtleS1tYXRlcmlhbC10aGF0LW11c3QtbmV2ZXItYmUtcHJpbnRlZA"
+    key = {
+        "type": "service_account",
+        "client_email": "job@p.iam.gserviceaccount.com",
+        "token_uri": "http://127.0.0.1:9",
+    }
+    key |= {"private_key": f"-----BEGIN PRIVATE KEY-----\n{secret}\n-----END PRIVATE KEY-----\n"}
+    (tmp_path / "key.json").write_text(json.dumps(key))
+    env = {**os.environ, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json")}
+
+    result = cli("embed", source.url, str(tmp_path / "out"), "--model", str(tiny_checkpoint), env=env)
+    line = one_error_line(result)
+    assert result.returncode == 9
+    assert "no usable GCS credentials" in line and "GOOGLE_APPLICATION_CREDENTIALS" in line
+    assert secret not in result.stdout + result.stderr, "the key's material is never printed"
+
+
+@pytest.mark.parametrize(("url", "library", "extra"), [("gs://b/in", "gcsfs", "gcs"), ("az://c/in", "adlfs", "azure")])
+def test_a_store_whose_library_is_not_installed_names_the_extra_to_install(url, library, extra, tmp_path):
+    result = cli(
+        "embed",
+        url,
+        str(tmp_path / "out"),
+        env=dict(os.environ),
+        prelude=f"import sys; sys.modules[{library!r}] = None",
+    )
+    assert result.returncode == 2
+    assert f"pip install 'neobert-pipeline[{extra}]'" in one_error_line(result)
