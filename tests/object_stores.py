@@ -3,6 +3,7 @@
 - S3: moto's standalone server.
 - GCS: gcp-storage-emulator (tests/gcs_emulator.py, which adds GCS's create precondition).
 - Azure Blob: Azurite, from the npm install in tests/azurite that `make` performs.
+- The Hugging Face Hub's read API over a local folder (tests/hub_server.py).
 
 Clients find them through each store's standard settings (an endpoint URL for S3,
 STORAGE_EMULATOR_HOST for GCS, a connection string for Azure), set by the fixtures in conftest.py.
@@ -108,3 +109,12 @@ def azurite(folder: Path, port: int) -> Iterator[str]:
     ]
     with serving(command, f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", folder / "azurite.log"):
         yield azurite_connection_string(port)
+
+
+@contextmanager
+def hub_server(folder: Path, repos: Path) -> Iterator[str]:
+    """The Hub's dataset read API over repos/<org>/<name>/; yields its endpoint (HF_ENDPOINT)."""
+    port = free_port()
+    command = [sys.executable, str(TESTS / "hub_server.py"), str(port), str(repos)]
+    with serving(command, f"http://127.0.0.1:{port}", folder / "hub.log") as url:
+        yield url

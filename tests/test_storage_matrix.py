@@ -1,5 +1,6 @@
 """One night on every store the README names: embed from it and to it, killed after a commit, resumed,
 verified; the same scenario on local disk, S3 (moto), GCS (its emulator) and Azure Blob (Azurite).
+Hugging Face datasets (input only) are read through the Hub's own API, served from a folder.
 
 Every input format is read from the store (JSONL, gzip JSONL in a subfolder, Parquet, text), the first
 run is a real `neobert-pipeline embed` process killed with SIGKILL right after its first commit, and
@@ -23,7 +24,7 @@ from conftest import make_store
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 from object_stores import AZURITE_KEY
 
-from pipeline.config import load_config
+from pipeline.config import StorageConfig, load_config
 from pipeline.errors import StorageAccessError
 from pipeline.io.current import current_rows
 from pipeline.io.layout import COMMITS, join
@@ -157,3 +158,44 @@ def test_a_store_whose_library_is_not_installed_names_the_extra_to_install(url, 
     )
     assert result.returncode == 2
     assert f"pip install 'neobert-pipeline[{extra}]'" in one_error_line(result)
+
+
+def test_a_hugging_face_dataset_is_read_through_the_hub_api_and_a_rewritten_shard_is_seen(
+    hub, ray_local, tmp_path, tiny_checkpoint, tiny_encoder
+):
+    endpoint, repos = hub
+    repo = repos / "org" / f"corpus-{tmp_path.name[-8:]}"
+    (repo / "data" / "sub").mkdir(parents=True)
+    (repo / "README.md").write_text("a dataset card, not a shard")
+    shards = {
+        "data/a.jsonl": make_docs(30, seed=710, prefix="a"),
+        "data/sub/b.parquet": make_docs(25, seed=711, prefix="b"),
+    }
+    for name, docs in shards.items():
+        (repo / name).write_bytes(shard_bytes(name, docs))
+    source = f"hf://datasets/org/{repo.name}/data"
+    storage = StorageConfig(options={"endpoint": endpoint})
+    settings = {"input": source, "output": str(tmp_path / "out"), "model": str(tiny_checkpoint), "id_field": "id"}
+    settings["storage"] = {"options": {"endpoint": endpoint}}
+
+    def assert_view_is(docs: list[dict]) -> None:
+        report = verify_output(str(tmp_path / "out"), storage)
+        assert report.ok, report.problems
+        table = current_rows(str(tmp_path / "out"), columns=["id", "embedding"]).read_all()
+        texts = {d["id"]: d["text"] for d in docs}
+        ids = table.column("id").to_pylist()
+        assert sorted(ids) == sorted(texts)
+        vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(vectors, tiny_encoder.encode([texts[i] for i in ids]), atol=1e-5)
+
+    assert run_embedding_job(load_config(None, settings)).documents == 55
+    assert_view_is([d for docs in shards.values() for d in docs])
+
+    edited = [dict(d) for d in shards["data/a.jsonl"]]
+    # The same length, so the same size: only the blob id (a hash of the contents) tells the edit.
+    edited[4]["text"] = edited[4]["text"][::-1]
+    assert edited[4]["text"] != shards["data/a.jsonl"][4]["text"]
+    (repo / "data/a.jsonl").write_bytes(shard_bytes("data/a.jsonl", edited))
+    summary = run_embedding_job(load_config(None, {**settings, "refresh": True}))
+    assert summary.changes == {"added": 0, "changed": 1, "deleted": 0} and summary.documents == 30
+    assert_view_is(edited + shards["data/sub/b.parquet"])

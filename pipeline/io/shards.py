@@ -50,9 +50,10 @@ def shard_format(path: str, requested: str) -> str | None:
 
 
 def shard_fingerprint(info: dict) -> str:
-    """size + ETag when the store has one (S3, GCS), else size + modification time."""
+    """size + ETag when the store has one (S3, GCS, Azure; the git blob id on the Hugging Face Hub, a hash
+    of the contents), else size + modification time."""
     size = info.get("size")
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("blob_id")
     if etag:
         return f"size={size};etag={str(etag).strip(chr(34))}"
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("updated")

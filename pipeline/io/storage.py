@@ -11,11 +11,17 @@ from fsspec.registry import registry as imported_filesystems  # protocol -> clas
 from pipeline.config import AZURE_PROTOCOLS, GCS_PROTOCOLS, StorageConfig
 from pipeline.errors import AZURE_CREDENTIALS, SettingsError, StorageAccessError
 
-# Loggers that report every request at INFO, which would drown the job's own log; kept at WARNING
-# unless the user set a level for them.
 # The optional install that brings each store's library.
 EXTRAS = {**dict.fromkeys(GCS_PROTOCOLS, "gcs"), **dict.fromkeys(AZURE_PROTOCOLS, "azure")}
-CHATTY_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "fsspec.caching")
+# Loggers that report every request at INFO, which would drown the job's own log; kept at WARNING
+# unless the user set a level for them.
+CHATTY_LOGGERS = (
+    "azure.core.pipeline.policies.http_logging_policy",
+    "azure.identity",
+    "fsspec.caching",
+    "httpx",
+    "httpx2",
+)
 
 
 def filesystem_for(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
