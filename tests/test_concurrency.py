@@ -84,10 +84,12 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 @pytest.mark.parametrize("wait", [True, False], ids=["second-waits", "second-refused"])
 def test_two_drivers_on_one_output_leave_every_row_exactly_once(store, tmp_path, tiny_checkpoint, wait):
     docs = write_shards(tmp_path / "in", ["a", "b", "c"])
-    first = start_cli(tmp_path / "in", store, tiny_checkpoint)
+    # Both may wait: on a loaded machine the one started second can take the lease first.
+    waiting = ["--wait-for-lease", "300"] if wait else []
+    first = start_cli(tmp_path / "in", store, tiny_checkpoint, *waiting)
     docs |= write_shards(tmp_path / "in", ["d", "e"])  # new shards arrive between the two starts
     time.sleep(0.5)
-    second = start_cli(tmp_path / "in", store, tiny_checkpoint, *(["--wait-for-lease", "300"] if wait else []))
+    second = start_cli(tmp_path / "in", store, tiny_checkpoint, *waiting)
     (code1, out1), (code2, out2) = finish(first), finish(second)
     if wait:
         assert (code1, code2) == (0, 0), out1[-3000:] + out2[-3000:]
