@@ -29,6 +29,7 @@ from pipeline.errors import StorageAccessError
 from pipeline.io.current import current_rows
 from pipeline.io.layout import COMMITS, join
 from pipeline.job import run_embedding_job
+from pipeline.status import output_status
 from pipeline.verify import verify_output
 
 
@@ -80,6 +81,9 @@ def test_a_run_killed_after_a_commit_resumes_to_every_document_once_on_every_sto
 
     report = verify_output(output.url, output.storage)
     assert report.ok, report.problems
+    status = output_status(output.url, output.storage)
+    assert status["shards_complete"] == status["shards"] == 4 and status["writer"]["released"]
+    assert not status["unfinished_run"] and status["writer"]["token"] == 2, "the resumed run took over the lease"
     table = current_rows(output.url, output.storage, columns=["id", "embedding"]).read_all()
     ids = table.column("id").to_pylist()
     assert sorted(ids) == sorted(texts), "every document exactly once"
