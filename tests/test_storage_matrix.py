@@ -203,3 +203,34 @@ def test_a_hugging_face_dataset_is_read_through_the_hub_api_and_a_rewritten_shar
     summary = run_embedding_job(load_config(None, {**settings, "refresh": True}))
     assert summary.changes == {"added": 0, "changed": 1, "deleted": 0} and summary.documents == 30
     assert_view_is(edited + shards["data/sub/b.parquet"])
+
+
+def test_an_azure_move_deletes_its_source_only_after_azures_copy_succeeded(request, tmp_path, monkeypatch):
+    """Azure's Copy Blob may still be pending when it returns: the source must outlive it, and stays when
+    the copy fails (the next run's recovery publishes it again)."""
+    from pipeline.io import layout
+
+    store = make_store(request, tmp_path, "azure")
+    source, target = join(store.root, "_staging/p.parquet"), join(store.root, "parts/p.parquet")
+    store.fs.pipe_file(source, b"a part")
+    assert layout.azure_copy_status(store.fs, source) is None  # a plain upload was never a copy target
+    statuses, seen_source = iter(["pending", "pending", "success"]), []
+
+    def copying(fs, path):
+        assert path == target
+        seen_source.append(layout.exists_now(fs, source))
+        return next(statuses)
+
+    monkeypatch.setattr(layout, "azure_copy_status", copying)
+    monkeypatch.setattr(layout.time, "sleep", lambda s: None)
+    layout.move(store.fs, source, target)
+    assert seen_source == [True, True, True] and not layout.exists_now(store.fs, source)
+    assert store.fs.cat_file(target) == b"a part"
+
+    store.fs.pipe_file(source, b"another part")
+    monkeypatch.setattr(layout, "azure_copy_status", lambda fs, path: "failed")
+    with pytest.raises(OSError, match="copy failed"):
+        layout.move(store.fs, source, target)
+    assert layout.exists_now(store.fs, source), "the source stays for the next try"
+    monkeypatch.undo()
+    assert layout.azure_copy_status(store.fs, target) == "success"  # what Azurite reports of a real copy

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import Store, make_store
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig
@@ -27,6 +28,12 @@ from pipeline.verify import verify_output
 
 TRIALS_PER_STORE = 15
 RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
+def store(request, tmp_path) -> Store:
+    """Every store the writer lease runs on: its exclusive create is what keeps a second driver out."""
+    return make_store(request, tmp_path, request.param)
 
 
 def start(input_dir, output: str, model, storage: StorageConfig, *extra: str) -> subprocess.Popen:

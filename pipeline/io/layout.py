@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from datetime import datetime
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -106,7 +108,42 @@ def move(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
         fs.mv(source, target)
         return
     fs.copy(source, target)
+    if _is_azure(fs):
+        _wait_for_azure_copy(fs, target)
     fs.rm_file(source)
+
+
+AZURE_COPY_TIMEOUT_S = 600.0
+
+
+def _is_azure(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in ("az", "abfs", "abfss") for p in protocols)
+
+
+def _wait_for_azure_copy(fs: fsspec.AbstractFileSystem, target: str) -> None:
+    """Azure's Copy Blob, which adlfs's copy starts, may still be running when it returns; the source must
+    outlive it. A copy that failed or was aborted raises, and the source stays for the next try."""
+    deadline = time.monotonic() + AZURE_COPY_TIMEOUT_S
+    while (status := azure_copy_status(fs, target)) == "pending":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Azure is still copying to {target} after {AZURE_COPY_TIMEOUT_S:.0f}s")
+        time.sleep(0.2)
+    if status not in (None, "success"):
+        raise OSError(f"Azure could not copy to {target}: copy {status}")
+
+
+def azure_copy_status(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """The state of the last Copy Blob into path ('pending', 'success', 'aborted', 'failed'), None if none."""
+
+    async def status() -> str | None:
+        container, blob, _ = fs.split_path(path)
+        async with fs.service_client.get_blob_client(container=container, blob=blob) as client:
+            properties = await client.get_blob_properties()
+        copy_status = properties.copy.status if properties.copy else None
+        return getattr(copy_status, "value", copy_status)
+
+    return fsspec.asyn.sync(fs.loop, status)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
