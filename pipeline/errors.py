@@ -121,7 +121,6 @@ AZURE_CREDENTIALS = (
     "AZURE_STORAGE_SAS_TOKEN or AZURE_STORAGE_CLIENT_ID/_SECRET/TENANT_ID; then DefaultAzureCredential "
     "(environment, workload identity, managed identity, Azure CLI login)"
 )
-CREDENTIAL_SOURCES = S3_CREDENTIALS  # the name older callers use
 _RERUN = "committed work is kept: re-run the same command once storage answers"
 
 

@@ -33,6 +33,7 @@ import fsspec.asyn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import AZURE_PROTOCOLS
 from pipeline.io.ranges import Range
 
 RUN_RECORD = "_neobert_run.json"
@@ -76,8 +77,8 @@ def _hidden_temporary(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write path only if nothing is there (FileExistsError otherwise), whole or not at all.
 
-    S3 does it with a conditional PUT (If-None-Match: *); a local file is written aside and then
-    hard-linked into place, which fails if the name exists.
+    S3 and Azure do it with a conditional PUT (If-None-Match: *), GCS with ifGenerationMatch=0; a local
+    file is written aside and then hard-linked into place, which fails if the name exists.
     """
     if is_local(fs):
         tmp = _hidden_temporary(fs, path)
@@ -118,7 +119,7 @@ AZURE_COPY_TIMEOUT_S = 600.0
 
 def _is_azure(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return any(p in ("az", "abfs", "abfss") for p in protocols)
+    return any(p in AZURE_PROTOCOLS for p in protocols)
 
 
 def _wait_for_azure_copy(fs: fsspec.AbstractFileSystem, target: str) -> None:

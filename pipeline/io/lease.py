@@ -1,8 +1,9 @@
 """The writer lease: one driver at a time writes an output.
 
 Each holder creates `_lease/<token>.json` with an exclusive create (a conditional PUT,
-If-None-Match: *, on S3; a hard link locally), one token above the highest there: two drivers
-racing for the same token cannot both win. The holder is the highest token. While it runs it
+If-None-Match: *, on S3 and Azure Blob; ifGenerationMatch=0 on GCS; a hard link locally), one token
+above the highest there: two drivers racing for the same token cannot both win. Every lease file has
+one writer (the token is in its name), so a heartbeat is a plain overwrite, with no precondition. The holder is the highest token. While it runs it
 rewrites `<token>.alive` every ttl_s / 4; when it ends it writes `<token>.released`, or after a
 failure `<token>.abandoned`.
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from pipeline.config import AZURE_PROTOCOLS, GCS_PROTOCOLS
 from pipeline.errors import PipelineError, SettingsError
 from pipeline.io.layout import LEASE, atomic_write, create_exclusive, is_local, join, listing, modified_s
 
@@ -51,7 +53,7 @@ KEPT_TOKENS = 4
 # that kept it from marking its lease abandoned (the store was down).
 _ENDED_IN_THIS_PROCESS: set[str] = set()
 # Stores whose filesystem here does an exclusive create.
-SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", *GCS_PROTOCOLS, *AZURE_PROTOCOLS)
 
 
 class LeaseHeldError(PipelineError):
