@@ -2,10 +2,10 @@
 
 Each holder creates `_lease/<token>.json` with an exclusive create (a conditional PUT,
 If-None-Match: *, on S3 and Azure Blob; ifGenerationMatch=0 on GCS; a hard link locally), one token
-above the highest there: two drivers racing for the same token cannot both win. Every lease file has
-one writer (the token is in its name), so a heartbeat is a plain overwrite, with no precondition. The holder is the highest token. While it runs it
-rewrites `<token>.alive` every ttl_s / 4; when it ends it writes `<token>.released`, or after a
-failure `<token>.abandoned`.
+above the highest there: two drivers racing for the same token cannot both win. The holder is the
+highest token. While it runs it rewrites `<token>.alive` every ttl_s / 4; when it ends it writes
+`<token>.released`, or after a failure `<token>.abandoned`. Every lease file has one writer (the token
+is in its name), so a heartbeat is a plain overwrite, with no precondition.
 
 Another driver may take the lease at once when it was released or abandoned, or when its holder ran
 on this host and its process is gone; otherwise once its heartbeat is ttl_s old by the store's own
