@@ -118,8 +118,7 @@ AZURE_COPY_TIMEOUT_S = 600.0
 
 
 def _is_azure(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return any(p in AZURE_PROTOCOLS for p in protocols)
+    return speaks(fs, AZURE_PROTOCOLS)
 
 
 def _wait_for_azure_copy(fs: fsspec.AbstractFileSystem, target: str) -> None:
@@ -148,8 +147,13 @@ def azure_copy_status(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    return speaks(fs, ("file", "local"))
+
+
+def speaks(fs: fsspec.AbstractFileSystem, protocols: tuple[str, ...]) -> bool:
+    """Whether fs is the filesystem of any of these protocols (fsspec gives one name or a tuple of them)."""
+    own = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in protocols for p in own)
 
 
 def part_name(shard_rows: dict[str, list[Range]], generation: int = 0) -> str:

@@ -35,7 +35,7 @@ import fsspec
 
 from pipeline.config import AZURE_PROTOCOLS, GCS_PROTOCOLS
 from pipeline.errors import PipelineError, SettingsError
-from pipeline.io.layout import LEASE, atomic_write, create_exclusive, is_local, join, listing, modified_s
+from pipeline.io.layout import LEASE, atomic_write, create_exclusive, is_local, join, listing, modified_s, speaks
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -106,8 +106,7 @@ class LeaseState:
 
 
 def lease_supported(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return any(p in SUPPORTED_PROTOCOLS for p in protocols)
+    return speaks(fs, SUPPORTED_PROTOCOLS)
 
 
 def token_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, float]:
