@@ -16,6 +16,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from cli_process import one_error_line, run_cli, with_signal
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 from object_stores import free_port
 
@@ -25,35 +26,6 @@ from pipeline.config import load_config
 from pipeline.errors import EXIT_OK, IncompleteRunError, SettingsError, StorageAccessError
 from pipeline.io.layout import ERRORS, PARTS, RUN_RECORD
 from pipeline.verify import verify_output
-
-CLI_TIMEOUT_S = 180
-
-
-def run_cli(*args: str, env: dict | None = None, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`neobert-pipeline ARGS` in a fresh process with its own Ray temp folder; nothing outlives it."""
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    environment = {**os.environ, "RAY_TMPDIR": ray_tmp, **(env or {})}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        env={k: v for k, v in environment.items() if v is not None},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=timeout_s)
-    finally:
-        with_signal(process.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def with_signal(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture()
@@ -75,13 +47,6 @@ def no_ray(monkeypatch):
         raise AssertionError("the job reached Ray: the mistake should have been caught before")
 
     monkeypatch.setattr(pipeline.job, "connect_ray", connect_ray)
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
