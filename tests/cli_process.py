@@ -58,6 +58,7 @@ def embed_process(
     target: str = "driver",
     once=None,
     id_field: str | None = "id",
+    target_file_mb: float = 0.03,
 ) -> int:
     """Run `neobert-pipeline embed` to completion or to its failpoint (pipeline/faults.py), killed there
     with SIGKILL; its exit code. Nothing outlives it: the process group dies as a machine would."""
@@ -72,7 +73,7 @@ def embed_process(
         *(sys.executable, "-m", "pipeline.cli", "embed", str(input_dir), str(output_dir)),
         *("--model", str(model), "--num-cpus", "2"),
         *(("--id-field", id_field) if id_field else ()),
-        *("--tokens-per-batch", "512", "--rows-per-tokenize-batch", "64", "--target-file-mb", "0.03"),
+        *("--tokens-per-batch", "512", "--rows-per-tokenize-batch", "64", "--target-file-mb", str(target_file_mb)),
         *extra,
     ]
     process = subprocess.Popen(

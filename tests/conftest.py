@@ -188,6 +188,10 @@ def make_store(request, tmp_path, kind: str, folder: str = "out") -> Store:
     return Store(fs, f"{bucket}/{folder}", f"{protocol}://{bucket}/{folder}", StorageConfig())
 
 
+# For the longest tests on `store`: S3 in `make test`, local disk too in `make test-slow`.
+S3_FIRST = [pytest.param("local", marks=pytest.mark.slow), "s3"]
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> Store:
     return make_store(request, tmp_path, request.param)

@@ -13,7 +13,7 @@ import time
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from conftest import Store
+from conftest import S3_FIRST, Store
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig, load_config
@@ -82,6 +82,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("wait", [True, False], ids=["second-waits", "second-refused"])
+@pytest.mark.parametrize("store", S3_FIRST, indirect=True)
 def test_two_drivers_on_one_output_leave_every_row_exactly_once(store, tmp_path, tiny_checkpoint, wait):
     docs = write_shards(tmp_path / "in", ["a", "b", "c"])
     # Both may wait: on a loaded machine the one started second can take the lease first.
@@ -105,6 +106,7 @@ def test_two_drivers_on_one_output_leave_every_row_exactly_once(store, tmp_path,
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("point", ["overwrite._commits", "overwrite.parts", "overwrite._neobert_run.json"])
+@pytest.mark.parametrize("store", S3_FIRST, indirect=True)
 def test_an_interrupted_overwrite_never_leaves_old_vectors_under_new_settings(
     ray_local, store, tmp_path, tiny_checkpoint, point
 ):
@@ -123,6 +125,7 @@ def test_an_interrupted_overwrite_never_leaves_old_vectors_under_new_settings(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("store", S3_FIRST, indirect=True)
 def test_repair_and_one_rerun_make_a_damaged_output_whole(ray_local, store, tmp_path, tiny_checkpoint, capsys):
     from pipeline.cli import main
 

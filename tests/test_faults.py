@@ -132,6 +132,7 @@ def test_s3_endpoint_down_for_seconds_mid_write_is_ridden_out_by_retries(
     assert report.ok, report.problems
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_s3_endpoint_that_stays_down_fails_cleanly_and_a_rerun_finishes(
     ray_local, flaky_s3, corpus, tiny_checkpoint, tiny_encoder, tmp_path_factory

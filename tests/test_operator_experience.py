@@ -178,7 +178,7 @@ def test_a_relative_output_under_ray_job_submit_is_refused(corpus, tiny_checkpoi
     assert not (corpus.parent / "relative").exists()
 
 
-def test_the_log_shows_our_progress_not_ray_datas_unless_verbose(corpus, tmp_path, tiny_checkpoint):
+def test_the_log_shows_our_progress_not_ray_datas(corpus, tmp_path, tiny_checkpoint):
     args = ["embed", str(corpus), str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--progress-interval", "0.5"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,7 +189,10 @@ def test_the_log_shows_our_progress_not_ray_datas_unless_verbose(corpus, tmp_pat
     assert "logging_progress" not in everything and "Execution plan" not in everything
     assert "embedding finished" in result.stdout
 
-    verbose = run_cli(*args[:2], str(tmp_path / "out2"), *args[3:], "--verbose")
+
+@pytest.mark.slow
+def test_verbose_shows_ray_datas_own_log(corpus, tmp_path, tiny_checkpoint):
+    verbose = run_cli("embed", str(corpus), str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--verbose")
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Execution plan" in verbose.stdout + verbose.stderr
 
