@@ -22,7 +22,7 @@ from conftest import make_store
 from corpus import jsonl_bytes, make_docs, parquet_bytes
 from object_stores import AZURITE_KEY
 
-from pipeline.config import load_config
+from pipeline.config import StorageConfig, load_config
 from pipeline.errors import StorageAccessError
 from pipeline.io.current import current_rows
 from pipeline.io.layout import COMMITS, join
@@ -149,3 +149,75 @@ def test_a_store_whose_library_is_not_installed_names_the_extra_to_install(url, 
     result = run_cli("embed", url, str(tmp_path / "out"), env={"PYTHONPATH": path}, timeout_s=120)
     assert result.returncode == 2
     assert f"pip install 'neobert-pipeline[{extra}]'" in one_error_line(result.stderr)
+
+
+def test_a_hugging_face_dataset_is_read_through_the_hub_api_and_a_rewritten_shard_is_seen(
+    hub, ray_local, tmp_path, tiny_checkpoint, tiny_encoder
+):
+    endpoint, repos = hub
+    repo = repos / "org" / f"corpus-{tmp_path.name[-8:]}"
+    (repo / "data" / "sub").mkdir(parents=True)
+    (repo / "README.md").write_text("a dataset card, not a shard")
+    shards = {
+        "data/a.jsonl": make_docs(30, seed=710, prefix="a"),
+        "data/sub/b.parquet": make_docs(25, seed=711, prefix="b"),
+    }
+    for name, docs in shards.items():
+        (repo / name).write_bytes(shard_bytes(name, docs))
+    source = f"hf://datasets/org/{repo.name}/data"
+    storage = StorageConfig(options={"endpoint": endpoint})
+    settings = {"input": source, "output": str(tmp_path / "out"), "model": str(tiny_checkpoint), "id_field": "id"}
+    settings["storage"] = {"options": {"endpoint": endpoint}}
+
+    def assert_view_is(docs: list[dict]) -> None:
+        report = verify_output(str(tmp_path / "out"), storage)
+        assert report.ok, report.problems
+        table = current_rows(str(tmp_path / "out"), columns=["id", "embedding"]).read_all()
+        texts = {d["id"]: d["text"] for d in docs}
+        ids = table.column("id").to_pylist()
+        assert sorted(ids) == sorted(texts)
+        vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(vectors, tiny_encoder.encode([texts[i] for i in ids]), atol=1e-5)
+
+    assert run_embedding_job(load_config(None, settings)).documents == 55
+    assert_view_is([d for docs in shards.values() for d in docs])
+
+    edited = [dict(d) for d in shards["data/a.jsonl"]]
+    # The same length, so the same size: only the blob id (a hash of the contents) tells the edit.
+    edited[4]["text"] = edited[4]["text"][::-1]
+    assert edited[4]["text"] != shards["data/a.jsonl"][4]["text"]
+    (repo / "data/a.jsonl").write_bytes(shard_bytes("data/a.jsonl", edited))
+    summary = run_embedding_job(load_config(None, {**settings, "refresh": True}))
+    assert summary.changes == {"added": 0, "changed": 1, "deleted": 0} and summary.documents == 30
+    assert_view_is(edited + shards["data/sub/b.parquet"])
+
+
+def test_an_azure_move_deletes_its_source_only_after_azures_copy_succeeded(request, tmp_path, monkeypatch):
+    """Azure's Copy Blob may still be pending when it returns: the source must outlive it, and stays when
+    the copy fails (the next run's recovery publishes it again)."""
+    from pipeline.io import layout
+
+    store = make_store(request, tmp_path, "azure")
+    source, target = join(store.root, "_staging/p.parquet"), join(store.root, "parts/p.parquet")
+    store.fs.pipe_file(source, b"a part")
+    assert layout.azure_copy_status(store.fs, source) is None  # a plain upload was never a copy target
+    statuses, seen_source = iter(["pending", "pending", "success"]), []
+
+    def copying(fs, path):
+        assert path == target
+        seen_source.append(layout.exists_now(fs, source))
+        return next(statuses)
+
+    monkeypatch.setattr(layout, "azure_copy_status", copying)
+    monkeypatch.setattr(layout.time, "sleep", lambda s: None)
+    layout.move(store.fs, source, target)
+    assert seen_source == [True, True, True] and not layout.exists_now(store.fs, source)
+    assert store.fs.cat_file(target) == b"a part"
+
+    store.fs.pipe_file(source, b"another part")
+    monkeypatch.setattr(layout, "azure_copy_status", lambda fs, path: "failed")
+    with pytest.raises(OSError, match="copy failed"):
+        layout.move(store.fs, source, target)
+    assert layout.exists_now(store.fs, source), "the source stays for the next try"
+    monkeypatch.undo()
+    assert layout.azure_copy_status(store.fs, target) == "success"  # what Azurite reports of a real copy
