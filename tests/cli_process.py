@@ -11,10 +11,9 @@ import sys
 import tempfile
 
 RUN_TIMEOUT_S = 180
-CLI_TIMEOUT_S = 180
 
 
-def run_cli(*args: str, env: dict | None = None, timeout_s: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout_s: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`neobert-pipeline ARGS` in a fresh process with its own Ray temp folder; nothing outlives it.
     env adds to this process's environment; a None value removes that variable."""
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")

@@ -197,7 +197,6 @@ def store(request, tmp_path) -> Store:
     return make_store(request, tmp_path, request.param)
 
 
-@pytest.fixture(params=["local", "s3", "gcs", "azure"])
-def every_store(request, tmp_path) -> Store:
-    """Local disk, S3 (moto), GCS (its emulator) and Azure Blob (Azurite): each store the README names."""
-    return make_store(request, tmp_path, request.param)
+# Local disk, S3 (moto), GCS (its emulator) and Azure Blob (Azurite): each store the README names, for
+# `@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)`.
+EVERY_STORE = ["local", "s3", "gcs", "azure"]

@@ -16,19 +16,12 @@ import time
 import fsspec
 import pyarrow as pa
 import pytest
-from conftest import Store, make_store
+from conftest import EVERY_STORE, Store
 
 from pipeline.io.layout import COMMITS, LEASE, PARTS, QUARANTINE, STAGING, atomic_write, join, move, parquet_bytes
 from pipeline.io.lease import LeaseHeldError, LeaseLostError, acquire_lease, check_lease, read_lease
 from pipeline.io.manifest import CommitRecord, read_state
 from pipeline.io.recovery import recover
-
-
-@pytest.fixture(params=["local", "s3", "gcs", "azure"])
-def store(request, tmp_path) -> Store:
-    """Each store's own exclusive create: a hard link, S3's If-None-Match: *, GCS's ifGenerationMatch=0,
-    Azure's If-None-Match: *."""
-    return make_store(request, tmp_path, request.param)
 
 
 def dead_pid() -> int:
@@ -56,6 +49,7 @@ def commit_part(store: Store, rows: tuple[int, int], token: int, *, publish: boo
     return record
 
 
+@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_a_second_driver_is_refused_with_the_holder_named_and_a_waiting_one_gets_the_lease(store):
     with acquire_lease(store.fs, store.root) as first:
         with pytest.raises(LeaseHeldError, match=rf"being written by run {first.holder.run_id} \(pid \d+ on "):
@@ -75,6 +69,7 @@ def test_a_second_driver_is_refused_with_the_holder_named_and_a_waiting_one_gets
     assert read_lease(store.fs, store.root).released
 
 
+@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_two_drivers_racing_for_a_free_output_get_one_lease_between_them(store):
     outcomes, barrier = [], threading.Barrier(4)
 
@@ -95,6 +90,7 @@ def test_two_drivers_racing_for_a_free_output_get_one_lease_between_them(store):
     assert store.files(LEASE) == ["000000000001.json"]
 
 
+@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_a_dead_drivers_lease_is_taken_over_and_its_late_commit_is_fenced_and_quarantined(store, monkeypatch):
     import pipeline.io.lease
 
@@ -121,6 +117,7 @@ def test_a_dead_drivers_lease_is_taken_over_and_its_late_commit_is_fenced_and_qu
     assert read_state(store.fs, store.root).committed_ranges() == {"file:///in/a.jsonl": [(0, 10)]}
 
 
+@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_recovery_beside_a_live_writer_never_loses_a_committed_part(store):
     from pipeline.io.schemas import stream_schema
     from pipeline.io.sink import CommittedParquetSink

@@ -1,4 +1,6 @@
-"""A randomized sweep of kill -9s, with a second driver now and then: `make test-slow` (not in `make test`).
+"""A randomized sweep of kill -9s, with a second driver now and then: `make test-slow` (not in `make test`),
+on every store (local disk, and the S3, GCS and Azure servers): each one's exclusive create is what keeps
+the second driver out.
 
 Each trial starts a real `neobert-pipeline embed`, kills its whole process group at a random moment
 (as a machine dying would), starts a second driver at a random moment in a third of the trials, then
@@ -19,7 +21,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import Store, make_store
+from conftest import EVERY_STORE
 from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig
@@ -28,12 +30,6 @@ from pipeline.verify import verify_output
 
 TRIALS_PER_STORE = 15
 RUN_TIMEOUT_S = 240
-
-
-@pytest.fixture(params=["local", "s3", "gcs", "azure"])
-def store(request, tmp_path) -> Store:
-    """Every store the writer lease runs on: its exclusive create is what keeps a second driver out."""
-    return make_store(request, tmp_path, request.param)
 
 
 def start(input_dir, output: str, model, storage: StorageConfig, *extra: str) -> subprocess.Popen:
@@ -64,6 +60,7 @@ def finish(process: subprocess.Popen) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(TRIALS_PER_STORE * 3 * RUN_TIMEOUT_S)
+@pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_random_kills_and_second_drivers_never_lose_or_duplicate_a_row(store, tmp_path, tiny_checkpoint, tiny_encoder):
     rng = random.Random(20261127)
     (tmp_path / "in").mkdir()
