@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -23,14 +24,12 @@ from pipeline.duplicate_ids import rows_to_reject
 from pipeline.io.generations import (
     Changes,
     add_generation,
-    advance,
     changes_since,
-    current_inputs,
-    fingerprints,
     recorded_inputs,
     unfinished_work,
 )
 from pipeline.io.lease import writer_lease
+from pipeline.io.ledger import INPUT_COLUMNS, current_versions
 from pipeline.io.manifest import dead_letter_example
 from pipeline.io.ranges import Range, count_rows
 from pipeline.io.recovery import recover
@@ -109,7 +108,8 @@ def run_embedding_job(
         tokenizer_json = tokenizer.to_json()
         settings = embedding_settings(config, facts, tokenizer_json)
         record, state = open_run_record(out_fs, out_root, settings, recover(out_fs, out_root, lease_token))
-        current = current_inputs(recorded_inputs(out_fs, out_root, record))
+        inputs = recorded_inputs(out_fs, out_root, record, INPUT_COLUMNS)
+        current = current_versions(inputs)
         changes = _changes_to_record(config, current, shards, latest=len(record["generations"]) - 1)
         summary_of = partial(
             summarize,
@@ -129,7 +129,7 @@ def run_embedding_job(
             log.info("generation %d: %s", generation, _described(changes))
             if changes.added or changes.changed:  # deletions alone need no model work
                 work[generation] = changes.added + changes.changed
-            current = advance(current, entries)  # not the whole input read again
+            current = current_versions(pa.concat_tables([inputs, entries.select(INPUT_COLUMNS)]))
         counters, progress_offset_s = None, 0.0
         for generation, todo in work.items():
             log.info(
@@ -146,7 +146,7 @@ def run_embedding_job(
                 tokenizer_json,
                 shards,
                 todo,
-                state.committed_ranges(generation),
+                state.committed_ranges(generation, [s.url for s in todo]),  # only what is left to do
                 generation,
                 sample.rows_per_byte,
                 lease_token,
@@ -156,7 +156,7 @@ def run_embedding_job(
             state = recover(out_fs, out_root, lease_token)
         if not work:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        state.current = fingerprints(current)
+        state.current = current
         summary = summary_of(
             state=state,
             counters=counters,
@@ -168,7 +168,7 @@ def run_embedding_job(
     return checked(summary, dead_letter_example(out_fs, out_root, state))
 
 
-def _changes_to_record(config: JobConfig, current: dict, shards: list[Shard], latest: int) -> Changes:
+def _changes_to_record(config: JobConfig, current: pa.Table, shards: list[Shard], latest: int) -> Changes:
     """The new generation this run adds: new shards always; changed and deleted ones with --refresh
     (without it a changed shard is refused, and a vanished one only noted)."""
     changes = changes_since(current, shards)

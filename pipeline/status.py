@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pyarrow.compute as pc
+
 from pipeline.config import StorageConfig
-from pipeline.io.generations import (
-    ADDED,
-    CHANGED,
-    DELETED,
-    complete_shards,
-    current_inputs,
-    fingerprints,
-    generation_rows,
-    recorded_inputs,
-)
+from pipeline.io.generations import ADDED, CHANGED, DELETED, generation_rows, recorded_inputs, shard_ledger
 from pipeline.io.lease import read_lease
+from pipeline.io.ledger import INPUT_COLUMNS, current_versions
 from pipeline.io.manifest import read_state
 from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
@@ -30,10 +24,9 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     if record is None:
         return {"output": output_url, "started": False}
     state = read_state(fs, root)
-    current = current_inputs(recorded_inputs(fs, root, record))
-    state.current = fingerprints(current)
-    complete = len(complete_shards(state, current))
-    read = [state.shards_done[key] for key in state.current.items() if key in state.shards_done]
+    state.current = current_versions(recorded_inputs(fs, root, record, INPUT_COLUMNS))
+    shards = shard_ledger(state, state.current)  # counted as columns: no Python object per shard
+    read_rows = shards.column("rows")
     failed = state.failed_part_way()
     rows_by_generation = generation_rows(state)
     last_run = record["runs"][-1] if record.get("runs") else None
@@ -57,11 +50,11 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "rows_committed": state.committed_rows,
         "rows_embedded": state.embedded_rows,
         "rows_dead_lettered": state.committed_rows - state.embedded_rows,
-        "rows_in_shards_read": sum(d.rows for d in read) + sum(f.rows_read for f in failed),
+        "rows_in_shards_read": (pc.sum(read_rows).as_py() or 0) + sum(f.rows_read for f in failed),
         "dead_letters_by_reason": state.error_counts(),
-        "shards": len(current),
-        "shards_complete": complete,
-        "shards_read": len(read),
+        "shards": shards.num_rows,
+        "shards_complete": pc.sum(shards.column("complete")).as_py() or 0,
+        "shards_read": read_rows.length() - read_rows.null_count,
         "shards_failed_part_way": len(failed),
         "generations": [
             {

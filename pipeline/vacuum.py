@@ -18,9 +18,10 @@ from pipeline.errors import NoInputError, SettingsError
 from pipeline.faults import failpoint
 from pipeline.io.compaction import compact
 from pipeline.io.current import current_shards
-from pipeline.io.generations import current_inputs, recorded_inputs
+from pipeline.io.generations import recorded_inputs
 from pipeline.io.layout import RUN_RECORD, VACUUM, atomic_write, join
 from pipeline.io.lease import acquire_lease, lease_supported
+from pipeline.io.ledger import INPUT_COLUMNS, current_versions
 from pipeline.io.recovery import finish_vacuum, recover
 from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
@@ -56,8 +57,9 @@ def vacuum_output(
         newest = len(record["generations"]) - 1
         kept = list(range(max(0, newest - keep_generations + 1), newest + 1))
         state = recover(fs, root)
-        current = current_inputs(recorded_inputs(fs, root, record))
-        dead = [c for c in state.commits if c.generation not in kept and not current_shards(c, current)]
+        current = current_versions(recorded_inputs(fs, root, record, INPUT_COLUMNS))
+        live = current_shards(state.commits, current)
+        dead = [c for c, shards in zip(state.commits, live, strict=True) if c.generation not in kept and not shards]
         report = VacuumReport([c.part for c in dead], sum(c.rows for c in dead), kept)
         if dry_run or not dead:
             return report

@@ -5,12 +5,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
 from pipeline.io.current import current_parts
-from pipeline.io.generations import DELETED, current_inputs, fingerprints, recorded_inputs
+from pipeline.io.generations import changes_since, recorded_inputs
 from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD, urls_of
 from pipeline.io.lease import acquire_lease, lease_supported
+from pipeline.io.ledger import INPUT_COLUMNS, among, committed, current_versions, ledger, recorded_versions
 from pipeline.io.manifest import OutputState, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
 from pipeline.io.recovery import RepairReport, repair
@@ -88,60 +92,11 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
         report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
         return
     state = read_state(fs, root)
-    inputs = recorded_inputs(fs, root, record)
-    current = current_inputs(inputs)
-    state.current = fingerprints(current)
+    inputs = recorded_inputs(fs, root, record, INPUT_COLUMNS)
+    state.current = current_versions(inputs)
     _check_files(state, report)
-    _check_part_contents(output_url, storage, state, record["settings"], current, sample, local_rows, report)
-
-    # Every version of every shard: its rows committed at most once in its generation; the current
-    # version's every row committed exactly once (embedded or dead-lettered).
-    by_version: dict[tuple[str, int], list] = {}
-    for commit in state.commits:
-        for url, ranges in commit.ranges.items():
-            by_version.setdefault((url, commit.generation), []).extend(ranges)
-    entries = zip(
-        urls_of(inputs.column("url")),
-        inputs.column("generation").to_pylist(),
-        inputs.column("fingerprint").to_pylist(),
-        inputs.column("change").to_pylist(),
-        strict=True,
-    )
-    versions = {(url, g): fingerprint for url, g, fingerprint, change in entries if change != DELETED}
-    total_rows, superseded_rows, superseded = 0, 0, 0
-    failed: list[str] = []
-    for (url, generation), fingerprint in versions.items():
-        committed = by_version.get((url, generation), [])
-        doubled = overlaps(committed)
-        if doubled:
-            report.problems.append(
-                f"{url}: rows {_ranges(doubled)} committed more than once in generation {generation}"
-            )
-        version = current.get(url)
-        if version is None or version.generation != generation:
-            superseded += 1
-            superseded_rows += count_rows(merge_ranges(committed))
-            continue
-        done = state.shards_done.get((url, fingerprint))
-        failure = state.file_failures.get((url, fingerprint))
-        if done is None and failure is not None:
-            # Accounted for as a file: its rows before the failure must each be committed once.
-            gaps = missing(merge_ranges(committed), failure.rows_read)
-            if gaps:
-                report.problems.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
-            failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
-            total_rows += failure.rows_read
-            continue
-        if done is None:
-            report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
-            continue
-        total_rows += done.rows
-        gaps = missing(merge_ranges(committed), done.rows)
-        if gaps:
-            report.problems.append(f"{url}: {count_rows(gaps)} of {done.rows} rows missing, rows {_ranges(gaps)}")
-    unknown = sorted({f"{url} (generation {g})" for url, g in by_version if (url, g) not in versions})
-    if unknown:
-        report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
+    _check_part_contents(output_url, storage, state, record["settings"], sample, local_rows, report)
+    total_rows, superseded_rows, superseded, failed = _check_versions(state, inputs, report)
     if check_inputs:
         roots = sorted({g["input"] for g in record["generations"]})
         _check_fingerprints(roots, state.current, storage, record["settings"].get("fingerprint", "store"), report)
@@ -151,7 +106,8 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
-        f"{len(current)} current input shards with {total_rows:,} rows; {len(record['generations'])} generations"
+        f"{state.current.num_rows} current input shards with {total_rows:,} rows; "
+        f"{len(record['generations'])} generations"
     )
     if superseded:
         report.facts.append(
@@ -162,8 +118,72 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
         report.facts.append(f"{len(failed)} files failed part way: {_first(failed)}")
 
 
+def _check_versions(state: OutputState, inputs: pa.Table, report: VerifyReport) -> tuple[int, int, int, list[str]]:
+    """Every version of every shard: its rows committed at most once in its generation; the current
+    version's every row committed exactly once (embedded or dead-lettered). Checked as columns (ledger.py);
+    only the versions with something to say come back to Python. (total current rows, superseded rows,
+    superseded versions, files that failed part way)."""
+    ranges = state.ranges()
+    per_version = committed(ranges)
+    recorded = recorded_versions(inputs)
+    now, known = among(per_version, state.current), among(per_version, recorded)
+    merged = pc.fill_null(per_version.column("merged"), 0).to_numpy()
+    superseded = recorded.num_rows - state.current.num_rows
+    superseded_rows = int(merged[known & ~now].sum())
+
+    doubled = per_version.filter(per_version.column("overlapping"))
+    for url, generation, found in _version_ranges(ranges, doubled):
+        report.problems.append(
+            f"{url}: rows {_ranges(overlaps(found))} committed more than once in generation {generation}"
+        )
+
+    shards = ledger(state.current, state.done, per_version)
+    total_rows = pc.sum(shards.filter(shards.column("complete")).column("rows")).as_py() or 0
+    failed: list[str] = []
+    todo = shards.filter(pc.invert(shards.column("complete")))
+    rows_of = dict(zip(urls_of(todo.column("url")), todo.column("rows").to_pylist(), strict=True))
+    fingerprint_of = dict(zip(urls_of(todo.column("url")), todo.column("fingerprint").to_pylist(), strict=True))
+    for url, _, found in _version_ranges(ranges, todo):
+        committed_rows, done = merge_ranges(found), rows_of[url]
+        failure = state.file_failures.get((url, fingerprint_of[url]))
+        if done is None and failure is not None:
+            # Accounted for as a file: its rows before the failure must each be committed once.
+            gaps = missing(committed_rows, failure.rows_read)
+            if gaps:
+                report.problems.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
+            failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
+            total_rows += failure.rows_read
+        elif done is None:
+            report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
+        else:
+            total_rows += done
+            gaps = missing(committed_rows, done)
+            if gaps:
+                report.problems.append(f"{url}: {count_rows(gaps)} of {done} rows missing, rows {_ranges(gaps)}")
+    strays = per_version.filter(pa.array(~known))
+    unknown = sorted(
+        f"{url} (generation {g})"
+        for url, g in zip(urls_of(strays.column("url")), strays.column("generation").to_pylist(), strict=True)
+    )
+    if unknown:
+        report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
+    return total_rows, superseded_rows, superseded, failed
+
+
+def _version_ranges(ranges: pa.Table, versions: pa.Table) -> list[tuple[str, int, list]]:
+    """(URL, generation, its committed ranges) of each of these versions, sorted; few of them: the
+    ones with something to report."""
+    wanted = ranges.filter(pa.array(among(ranges, versions)))
+    columns = (urls_of(wanted.column("url")), *(wanted.column(c).to_pylist() for c in ("generation", "start", "end")))
+    by_version: dict[tuple[str, int], list] = {}
+    for url, generation, start, end in zip(*columns, strict=True):
+        by_version.setdefault((url, generation), []).append((start, end))
+    keys = zip(urls_of(versions.column("url")), versions.column("generation").to_pylist(), strict=True)
+    return [(url, g, by_version.get((url, g), [])) for url, g in sorted(keys)]
+
+
 def _check_part_contents(
-    output_url, storage, state: OutputState, settings: dict, current: dict, sample: int | None, local_rows, report
+    output_url, storage, state: OutputState, settings: dict, sample: int | None, local_rows, report
 ) -> None:
     """Each published part holds exactly its record's rows in the recorded schema; no id in two current
     rows. On the cluster (part_checks.py); here for an output of at most local_rows rows, or for a
@@ -178,7 +198,7 @@ def _check_part_contents(
         ERRORS: [schema_shape(ERRORS_SCHEMA), schema_shape(ERROR_ROWS_SCHEMA)],
     }
     published = [c for c in state.commits if not state.unpublished(c)]
-    parts_of_view = current_parts(published, current)
+    parts_of_view = current_parts(published, state.current)
     policy = settings.get("duplicate_ids", "keep")
     # Without an id field, ids are shard#row: unique exactly when every row is committed once.
     check_ids = bool(settings.get("id_field"))
@@ -260,18 +280,19 @@ def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
 
 
 def _check_fingerprints(
-    roots: list[str], recorded: dict[str, str], storage: StorageConfig, mode: str, report: VerifyReport
+    roots: list[str], recorded: pa.Table, storage: StorageConfig, mode: str, report: VerifyReport
 ) -> None:
-    """Each recorded shard's fingerprint now, from one listing of each input root (not a request per shard)."""
-    now: dict[str, str] = {}
+    """Each recorded shard's fingerprint now (recorded: the current versions), from one listing of each
+    input root (not a request per shard)."""
+    listed = []
     for root in roots:
         fs, path = filesystem_for(root, storage)
         try:
-            now |= {s.url: s.fingerprint for s in discover_shards(fs, path, fingerprint_mode=mode)}
+            listed += discover_shards(fs, path, fingerprint_mode=mode)
         except NoInputError:
             pass  # every shard under it is gone: reported below
-    gone = [url for url in recorded if url not in now]
-    changed = [url for url in recorded if url in now and now[url] != recorded[url]]
+    changes = changes_since(recorded, listed)
+    gone, changed = changes.deleted, [s.url for s in changes.changed]
     if gone:
         report.facts.append(
             f"{len(gone)} input shards no longer exist (their embeddings stay current until a --refresh records "

@@ -51,11 +51,18 @@ def run_read_tasks(source: ShardDatasource, parallelism: int) -> pa.Table:
     return [table for task in tasks for table in task.read_fn()], tasks
 
 
+def done_facts(state) -> dict:
+    """(URL, fingerprint) -> rows of every shard version the state says was read to its end."""
+    done = state.done
+    keys = zip(urls_of(done.column("url")), done.column("fingerprint").to_pylist(), strict=True)
+    return dict(zip(keys, done.column("rows").to_pylist(), strict=True))
+
+
 def state_facts(state) -> tuple:
     return (
         sorted(c.part for c in state.commits),
         state.committed_ranges(),
-        {key: d.rows for key, d in state.shards_done.items()},
+        done_facts(state),
         {key: f.rows_read for key, f in state.file_failures.items()},
         state.error_counts(),
     )
@@ -79,8 +86,7 @@ def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_r
     assert sum(t.num_rows for t in tables) == 300 * 3 + 400
     assert len(list((tmp_path / "out" / READS).iterdir())) == len(tasks)
     out_fs, root = filesystem_for(str(tmp_path / "out"), STORAGE)
-    done = read_state(out_fs, root).shards_done
-    assert {key: d.rows for key, d in done.items()} == {
+    assert done_facts(read_state(out_fs, root)) == {
         (s.url, s.fingerprint): (400 if "huge" in s.url else 3) for s in shards
     }
     assert len(progress.calls) == len(shards)
@@ -207,7 +213,7 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     assert status["shards"] == 3 and [(g["added"], g["changed"]) for g in status["generations"]] == [(3, 0)]
     assert "manifest_version" not in read_run_record(fs, root)
     state = read_state(fs, root)
-    assert {url: d.rows for (url, _), d in state.shards_done.items()} == {
+    assert {url: rows for (url, _), rows in done_facts(state).items()} == {
         "file:///in/0.jsonl": 4,
         "file:///in/1.jsonl": 4,
     }

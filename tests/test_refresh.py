@@ -239,8 +239,10 @@ def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_w
     assert report.ok, report.problems
     # What is left: parts holding a current row (maybe beside superseded ones), or of the newest generation.
     from pipeline.io.current import current_shards
-    from pipeline.io.generations import current_inputs, recorded_inputs
+    from pipeline.io.generations import recorded_inputs
+    from pipeline.io.ledger import current_versions
     from pipeline.io.run_record import read_run_record
 
-    current = current_inputs(recorded_inputs(fs_out, root, read_run_record(fs_out, root)))
-    assert all(current_shards(c, current) or c.generation == 3 for c in read_state(fs_out, root).commits)
+    current = current_versions(recorded_inputs(fs_out, root, read_run_record(fs_out, root)))
+    commits = read_state(fs_out, root).commits
+    assert all(shards or c.generation == 3 for c, shards in zip(commits, current_shards(commits, current), strict=True))

@@ -34,7 +34,7 @@ from pipeline.io.layout import (
     urls_of,
 )
 from pipeline.io.lease import check_lease
-from pipeline.io.manifest import CommitRecord, FileFailure, OutputState, ShardDone
+from pipeline.io.manifest import CommitRecord, FileFailure, OutputState
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def _merge(state: OutputState, table: pa.Table) -> None:
         commit = CommitRecord.from_json(raw)
         if commit.part not in named:
             state.commits.append(commit)
-    done = table.filter(pc.equal(kind, "done"))
-    columns = (urls_of(done.column("url")), done.column("fingerprint").to_pylist(), done.column("rows").to_pylist())
-    for url, fingerprint, rows in zip(*columns, strict=True):
-        state.shards_done.setdefault((url, fingerprint), ShardDone(url, fingerprint, rows))
+    state.done_chunks.append(table.filter(pc.equal(kind, "done")).select(["url", "fingerprint", "rows"]))
     failed = table.filter(pc.equal(kind, "failed"))
     for url, row in zip(urls_of(failed.column("url")), failed.to_pylist(), strict=True):
         failure = FileFailure(url, row["fingerprint"], row["rows"], row["reason"], row["message"])
@@ -91,19 +88,30 @@ def _merge(state: OutputState, table: pa.Table) -> None:
 
 def checkpoint_table(state: OutputState) -> pa.Table:
     """Everything the state says is committed or read, one row per fact."""
-    failed = [f for key, f in sorted(state.file_failures.items()) if key not in state.shards_done]
-    n_commits, n_done = len(state.commits), len(state.shards_done)
-    done = list(state.shards_done.values())
-    columns = {
-        "kind": ["commit"] * n_commits + ["done"] * n_done + ["failed"] * len(failed),
-        "url": url_column([None] * n_commits + [d.url for d in done] + [f.url for f in failed]),
-        "fingerprint": [None] * n_commits + [d.fingerprint for d in done] + [f.fingerprint for f in failed],
-        "rows": [c.rows for c in state.commits] + [d.rows for d in done] + [f.rows_read for f in failed],
-        "reason": [None] * (n_commits + n_done) + [f.reason for f in failed],
-        "message": [None] * (n_commits + n_done) + [f.message for f in failed],
-        "commit": [c.to_json() for c in state.commits] + [None] * (n_done + len(failed)),
+    done_keys = state.done_rows(sorted({url for url, _ in state.file_failures}))
+    failed = [f for key, f in sorted(state.file_failures.items()) if key not in done_keys]
+    n_commits = len(state.commits)
+    commits_and_failures = {
+        "kind": ["commit"] * n_commits + ["failed"] * len(failed),
+        "url": url_column([None] * n_commits + [f.url for f in failed]),
+        "fingerprint": [None] * n_commits + [f.fingerprint for f in failed],
+        "rows": [c.rows for c in state.commits] + [f.rows_read for f in failed],
+        "reason": [None] * n_commits + [f.reason for f in failed],
+        "message": [None] * n_commits + [f.message for f in failed],
+        "commit": [c.to_json() for c in state.commits] + [None] * len(failed),
     }
-    return pa.table(columns, schema=CHECKPOINT_SCHEMA)
+    done = state.done  # already columns: copied as they are, not a Python object per shard
+    n_done = done.num_rows
+    done_rows = {
+        "kind": pa.repeat("done", n_done),
+        "url": done.column("url"),
+        "fingerprint": done.column("fingerprint"),
+        "rows": done.column("rows"),
+        **{name: pa.nulls(n_done, CHECKPOINT_SCHEMA.field(name).type) for name in ("reason", "message", "commit")},
+    }
+    return pa.concat_tables(
+        [pa.table(commits_and_failures, schema=CHECKPOINT_SCHEMA), pa.table(done_rows, schema=CHECKPOINT_SCHEMA)]
+    )
 
 
 def compact(fs: fsspec.AbstractFileSystem, root: str, state: OutputState, lease_token: int) -> bool:

@@ -20,14 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import StorageConfig
 from pipeline.errors import NoInputError, OutputConflictError
-from pipeline.io.generations import Version, current_inputs, recorded_inputs
-from pipeline.io.layout import ERRORS, PARTS, RUN_RECORD, join
+from pipeline.io.generations import recorded_inputs
+from pipeline.io.layout import ERRORS, PARTS, RUN_RECORD, join, urls_of
+from pipeline.io.ledger import INPUT_COLUMNS, among, current_versions
 from pipeline.io.manifest import CommitRecord, read_state
 from pipeline.io.run_record import read_run_record
 from pipeline.io.schemas import GENERATION_FIELD
@@ -51,7 +53,7 @@ def current_rows(
     record = read_run_record(fs, root)
     if record is None:
         raise NoInputError(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
-    current = current_inputs(recorded_inputs(fs, root, record))
+    current = current_versions(recorded_inputs(fs, root, record, INPUT_COLUMNS))
     folder = ERRORS if dead_letters else PARTS
     parts = current_parts(read_state(fs, root).commits, current, dead_letters=dead_letters)
     schema = _schema(fs, root, folder, parts, columns)
@@ -59,16 +61,27 @@ def current_rows(
 
 
 def current_parts(
-    commits: list[CommitRecord], current: dict[str, Version], *, dead_letters: bool = False
+    commits: list[CommitRecord], current: pa.Table, *, dead_letters: bool = False
 ) -> list[tuple[CommitRecord, list[str]]]:
-    """(commit, its shards whose rows are current) of every part holding a current row, by part name."""
+    """(commit, its shards whose rows are current) of every part holding a current row, by part name;
+    current: the current versions (ledger.current_versions)."""
     commits = sorted((c for c in commits if (c.error_rows if dead_letters else c.embedded_rows)), key=lambda c: c.part)
-    return [(c, shards) for c in commits if (shards := current_shards(c, current))]
+    return [(c, shards) for c, shards in zip(commits, current_shards(commits, current), strict=True) if shards]
 
 
-def current_shards(commit: CommitRecord, current: dict[str, Version]) -> list[str]:
-    """The shards whose rows in this part are current: their current version is of its generation."""
-    return [url for url in commit.ranges if url in current and current[url].generation == commit.generation]
+def current_shards(commits: list[CommitRecord], current: pa.Table) -> list[list[str]]:
+    """For each commit, the shards whose rows in it are current: their current version is of its
+    generation. One lookup for all commits' ranges together, not one per part."""
+    tables = [c.ranges_table() for c in commits]
+    if not tables:
+        return []
+    ranges = pa.concat_tables(tables)
+    live = among(ranges, current)
+    part_of = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])[live]
+    shards: list[dict[str, None]] = [{} for _ in commits]  # a shard with several ranges in a part, once
+    for part, url in zip(part_of.tolist(), urls_of(ranges.column("url").filter(pa.array(live))), strict=True):
+        shards[part][url] = None
+    return [list(urls) for urls in shards]
 
 
 def _schema(fs: fsspec.AbstractFileSystem, root: str, folder: str, parts, columns) -> pa.Schema:

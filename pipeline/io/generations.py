@@ -16,13 +16,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from sys import intern  # shared with the manifest's maps: one copy per shard
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
+from pipeline.io.ledger import committed, ledger
 from pipeline.io.manifest import OutputState
 from pipeline.io.shards import Shard
 
@@ -42,16 +44,6 @@ INPUTS_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
-class Version:
-    """A shard's current version: the generation that added or last changed it, and its fingerprint."""
-
-    generation: int
-    fingerprint: str
-    format: str
-    size_bytes: int
-
-
 @dataclass(frozen=True)
 class Changes:
     added: list[Shard]
@@ -65,77 +57,65 @@ class Changes:
         return {ADDED: len(self.added), CHANGED: len(self.changed), DELETED: len(self.deleted)}
 
 
-def recorded_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> pa.Table:
-    """Every generation's entries (INPUTS_SCHEMA), from _inputs/ or, in a version 1 record, from the
-    record itself."""
+def recorded_inputs(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, columns: list[str] | None = None
+) -> pa.Table:
+    """Every generation's entries (INPUTS_SCHEMA, or these of its columns), from _inputs/ or, in a
+    version 1 record, from the record itself."""
+    schema = INPUTS_SCHEMA if columns is None else pa.schema([INPUTS_SCHEMA.field(c) for c in columns])
     tables = []
     for generation in record["generations"]:
         if "inputs" in generation:  # manifest version 1: every shard added, none changed
-            tables.append(inputs_table(generation["inputs"], generation["generation"]))
+            tables.append(inputs_table(generation["inputs"], generation["generation"]).select(schema.names))
         else:
             with fs.open(join(root, generation["inputs_file"]), "rb") as f:
-                tables.append(pq.read_table(f, schema=INPUTS_SCHEMA))
-    return pa.concat_tables(tables) if tables else INPUTS_SCHEMA.empty_table()
+                tables.append(pq.read_table(f, columns=schema.names, schema=INPUTS_SCHEMA))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def current_inputs(inputs: pa.Table) -> dict[str, Version]:
-    """URL -> current version, for every shard not deleted (entries are in generation order)."""
-    return advance({}, inputs)
+def shard_ledger(state: OutputState, versions: pa.Table) -> pa.Table:
+    """ledger.ledger of these versions (ledger.current_versions) against what the state holds."""
+    return ledger(versions, state.done, committed(state.ranges()))
 
 
-def advance(current: dict[str, Version], entries: pa.Table) -> dict[str, Version]:
-    """current, brought forward by later entries (INPUTS_SCHEMA, in generation order); returned."""
-    columns = (
-        urls_of(entries.column("url")),
-        entries.column("generation").to_pylist(),
-        entries.column("fingerprint").to_pylist(),
-        entries.column("format").to_pylist(),
-        entries.column("size_bytes").to_pylist(),
-        entries.column("change").to_pylist(),
-    )
-    for url, generation, fingerprint, fmt, size, change in zip(*columns, strict=True):
-        if change == DELETED:
-            current.pop(url, None)
-        else:
-            current[intern(url)] = Version(generation, intern(fingerprint), fmt, size or 0)
-    return current
-
-
-def fingerprints(current: dict[str, Version]) -> dict[str, str]:
-    """URL -> fingerprint of each current version (OutputState.current)."""
-    return {url: version.fingerprint for url, version in current.items()}
-
-
-def unfinished_work(state: OutputState, current: dict[str, Version], listed: list[Shard]) -> dict[int, list[Shard]]:
+def unfinished_work(state: OutputState, versions: pa.Table, listed: list[Shard]) -> dict[int, list[Shard]]:
     """Generation -> its current shards not yet complete, where the listing still shows that version
-    (one that changed or vanished since is left to the next generation)."""
-    complete = complete_shards(state, current)
+    (one that changed or vanished since is left to the next generation). versions: the current ones."""
+    todo = shard_ledger(state, versions).filter(pc.invert(pc.field("complete")))
+    # Only the shards left to do come back to Python: none on a finished re-run.
+    wanted = dict(
+        zip(
+            urls_of(todo.column("url")),
+            zip(todo.column("generation").to_pylist(), todo.column("fingerprint").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     by_generation: dict[int, list[Shard]] = {}
     for shard in listed:
-        version = current.get(shard.url)
-        if version is not None and version.fingerprint == shard.fingerprint and shard.url not in complete:
-            by_generation.setdefault(version.generation, []).append(shard)
+        generation, fingerprint = wanted.get(shard.url, (None, None))
+        if fingerprint == shard.fingerprint:
+            by_generation.setdefault(generation, []).append(shard)
     return dict(sorted(by_generation.items()))
 
 
-def complete_shards(state: OutputState, current: dict[str, Version]) -> set[str]:
-    """URLs whose current version was read to its end with every row committed in its generation."""
-    committed = state.committed_ranges_by_generation()
-    return {
-        url
-        for url, version in current.items()
-        if state.shard_complete(url, version.fingerprint, committed.get(version.generation, {}))
-    }
-
-
-def changes_since(current: dict[str, Version], listed: list[Shard]) -> Changes:
-    """What the listing adds to, changes in and removes from the current input."""
-    urls = {s.url for s in listed}
-    return Changes(
-        added=[s for s in listed if s.url not in current],
-        changed=[s for s in listed if s.url in current and current[s.url].fingerprint != s.fingerprint],
-        deleted=sorted(url for url in current if url not in urls),
+def changes_since(versions: pa.Table, listed: list[Shard]) -> Changes:
+    """What the listing adds to, changes in and removes from the current input (versions)."""
+    listing = pa.table(
+        {
+            "url": url_column([s.url for s in listed]),
+            "listed": pa.array([s.fingerprint for s in listed], pa.string()),
+            "position": pa.array(np.arange(len(listed), dtype=np.int64)),
+        }
     )
+    joined = listing.join(versions.select(["url", "fingerprint"]), "url", join_type="left outer", use_threads=False)
+    new = pc.is_null(joined.column("fingerprint"))
+    rewritten = pc.and_(pc.invert(new), pc.not_equal(joined.column("fingerprint"), joined.column("listed")))
+
+    def shards(mask) -> list[Shard]:
+        return [listed[i] for i in sorted(joined.filter(mask).column("position").to_pylist())]
+
+    gone = versions.filter(pc.invert(pc.is_in(versions.column("url"), listing.column("url"))))
+    return Changes(added=shards(new), changed=shards(rewritten), deleted=sorted(urls_of(gone.column("url"))))
 
 
 def add_generation(

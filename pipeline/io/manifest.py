@@ -18,10 +18,12 @@ import dataclasses
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from sys import intern  # a shard's URL and fingerprint: one copy, however many maps hold them
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.layout import (
@@ -39,8 +41,11 @@ from pipeline.io.layout import (
     join,
     listing,
     name_of,
+    url_column,
+    urls_of,
 )
 from pipeline.io.lease import fences
+from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges, unique_done
 from pipeline.io.ranges import Range, merge_ranges
 
 log = logging.getLogger(__name__)
@@ -53,7 +58,8 @@ class CommitRecord:
     part: str
     rows: int
     """Input rows accounted for, embedded and dead-lettered together."""
-    ranges: dict[str, list[Range]]
+    ranges: Mapping[str, list[Range]]
+    """Row ranges by shard URL (a ledger.PackedRanges when read back: columns, not lists)."""
     generation: int
     error_counts: dict[str, int] = field(default_factory=dict)
     """Dead-lettered rows by reason code; they are in errors/<part>.parquet, the rest in parts/."""
@@ -74,7 +80,7 @@ class CommitRecord:
                 "part": self.part,
                 "rows": self.rows,
                 "generation": self.generation,
-                "ranges": self.ranges,
+                "ranges": dict(self.ranges.items()),
                 "error_counts": self.error_counts,
                 "lease_token": self.lease_token,
             }
@@ -83,15 +89,20 @@ class CommitRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> CommitRecord:
         data = json.loads(raw)
-        ranges = {intern(url): [tuple(r) for r in rs] for url, rs in data["ranges"].items()}
         return cls(
             data["part"],
             data["rows"],
-            ranges,
+            PackedRanges(data["ranges"]),
             data["generation"],
             data.get("error_counts", {}),
             data.get("lease_token", 0),
         )
+
+    def ranges_table(self) -> pa.Table:
+        """Its ranges as rows of ledger.RANGES_SCHEMA."""
+        packed = self.ranges if isinstance(self.ranges, PackedRanges) else PackedRanges(self.ranges)
+        generation = pa.repeat(pa.scalar(self.generation, pa.int32()), packed.columns.num_rows)
+        return packed.columns.add_column(1, "generation", generation).cast(RANGES_SCHEMA)
 
     def files(self) -> list[tuple[str, str]]:
         """(staged name, published path) of each file the part has, relative to the output root."""
@@ -114,9 +125,9 @@ class FileFailure:
     message: str
 
 
-@dataclass(frozen=True, slots=True)  # one per shard: a million of them on the driver
+@dataclass(frozen=True, slots=True)
 class ShardDone:
-    """A shard read to its end."""
+    """A shard read to its end (as a read task reports it; the driver holds them as columns: OutputState.done)."""
 
     url: str
     fingerprint: str
@@ -134,7 +145,8 @@ class OutputState:
     commits: list[CommitRecord] = field(default_factory=list)
     fenced: list[CommitRecord] = field(default_factory=list)
     """Commit records a run made after it had lost the writer lease: not committed (recovery quarantines them)."""
-    shards_done: dict[ShardKey, ShardDone] = field(default_factory=dict)
+    done_chunks: list[pa.Table] = field(default_factory=list)
+    """Shards read to their end (ledger.DONE_SCHEMA), as the records and the checkpoint list them: see done."""
     file_failures: dict[ShardKey, FileFailure] = field(default_factory=dict)
     published: set[str] = field(default_factory=set)
     """Relative paths of the files under parts/ and errors/."""
@@ -147,35 +159,41 @@ class OutputState:
     """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
     vacuuming: set[str] = field(default_factory=set)
     """Parts an interrupted vacuum was deleting (_vacuum.json): their files are no orphans."""
-    current: dict[str, str] | None = None
-    """URL -> fingerprint of the shards in the current input (generations.current_inputs), once known:
+    current: pa.Table | None = None
+    """The current input's versions (ledger.current_versions: url, fingerprint, ...), once known:
     failures of other versions of a shard are then history, not failed files."""
 
-    def committed_ranges(self, generation: int | None = None) -> dict[str, list[Range]]:
-        """Committed row ranges by shard URL: of one generation, or of all of them."""
+    @property
+    def done(self) -> pa.Table:
+        """Every shard version read to its end, once (ledger.DONE_SCHEMA): columns, not a Python object
+        per shard, for a million of them."""
+        if len(self.done_chunks) != 1:
+            self.done_chunks = [unique_done(self.done_chunks)]
+        return self.done_chunks[0]
+
+    def done_rows(self, urls: list[str]) -> dict[ShardKey, int]:
+        """(URL, fingerprint) -> rows of the versions of these shards read to their end."""
+        done = self.done.filter(pc.is_in(self.done.column("url"), url_column(urls)))
+        keys = zip(urls_of(done.column("url")), done.column("fingerprint").to_pylist(), strict=True)
+        return dict(zip(keys, done.column("rows").to_pylist(), strict=True))
+
+    def ranges(self) -> pa.Table:
+        """Every committed range (ledger.RANGES_SCHEMA), built a part at a time."""
+        return pa.concat_tables([c.ranges_table() for c in self.commits] or [RANGES_SCHEMA.empty_table()])
+
+    def committed_ranges(self, generation: int | None = None, urls: list[str] | None = None) -> dict[str, list[Range]]:
+        """Committed row ranges by shard URL: of one generation, or of all of them; of these shards, or
+        of all of them."""
+        ranges = self.ranges()
+        if generation is not None:
+            ranges = ranges.filter(pc.equal(ranges.column("generation"), generation))
+        if urls is not None:
+            ranges = ranges.filter(pc.is_in(ranges.column("url"), url_column(urls)))
         by_shard: dict[str, list[Range]] = {}
-        for commit in self.commits:
-            if generation is None or commit.generation == generation:
-                for url, ranges in commit.ranges.items():
-                    by_shard.setdefault(url, []).extend(ranges)
+        columns = (urls_of(ranges.column("url")), ranges.column("start").to_pylist(), ranges.column("end").to_pylist())
+        for url, start, end in zip(*columns, strict=True):
+            by_shard.setdefault(url, []).append((start, end))
         return {url: merge_ranges(ranges) for url, ranges in by_shard.items()}
-
-    def committed_ranges_by_generation(self) -> dict[int, dict[str, list[Range]]]:
-        """committed_ranges(g) of every generation g, in one pass over the commits."""
-        by_version: dict[int, dict[str, list[Range]]] = {}
-        for commit in self.commits:
-            shards = by_version.setdefault(commit.generation, {})
-            for url, ranges in commit.ranges.items():
-                shards.setdefault(url, []).extend(ranges)
-        return {g: {url: merge_ranges(r) for url, r in shards.items()} for g, shards in by_version.items()}
-
-    def shard_complete(self, url: str, fingerprint: str, committed: dict[str, list[Range]]) -> bool:
-        """This version read to its end, and every one of its rows committed in `committed` (the
-        committed_ranges() of the generation it belongs to)."""
-        done = self.shards_done.get((url, fingerprint))
-        if done is None:
-            return False
-        return committed.get(url, []) == ([(0, done.rows)] if done.rows else [])
 
     @property
     def committed_rows(self) -> int:
@@ -198,9 +216,13 @@ class OutputState:
     def failed_part_way(self) -> list[FileFailure]:
         """Shards whose last read failed before their end (a later complete read of the same version
         supersedes a failure; so does a newer version, once the current input is known)."""
-        failed = [f for key, f in sorted(self.file_failures.items()) if key not in self.shards_done]
-        if self.current is not None:
-            failed = [f for f in failed if self.current.get(f.url) == f.fingerprint]
+        failures = sorted(self.file_failures.items())
+        done = self.done_rows(sorted({url for url, _ in self.file_failures}))
+        failed = [f for key, f in failures if key not in done]
+        if self.current is not None and failed:
+            now = self.current.filter(pc.is_in(self.current.column("url"), url_column([f.url for f in failed])))
+            current = dict(zip(urls_of(now.column("url")), now.column("fingerprint").to_pylist(), strict=True))
+            failed = [f for f in failed if current.get(f.url) == f.fingerprint]
         return failed
 
     def unpublished(self, commit: CommitRecord) -> list[tuple[str, str]]:
@@ -266,9 +288,14 @@ def add_read_record(state: OutputState, data: dict) -> None:
     """Add what a read record says; a version read to its end anywhere is no failure any more."""
     if "done" not in data and "failed" not in data:  # manifest version 1: one file per shard
         data = {"failed": [data]} if "reason" in data else {"done": [data]}
-    for done in data.get("done", []):
-        url, fingerprint = intern(done["url"]), intern(done["fingerprint"])
-        state.shards_done[url, fingerprint] = ShardDone(url, fingerprint, done["rows"])
+    done = data.get("done", [])
+    if done:
+        columns = {
+            "url": url_column([d["url"] for d in done]),
+            "fingerprint": [d["fingerprint"] for d in done],
+            "rows": [d["rows"] for d in done],
+        }
+        state.done_chunks.append(pa.table(columns, schema=DONE_SCHEMA))
     for failed in data.get("failed", []):
         state.file_failures[failed["url"], failed["fingerprint"]] = FileFailure(**failed)
 

@@ -20,8 +20,9 @@ import pyarrow as pa
 
 from pipeline.errors import NoInputError
 from pipeline.io.current import current_parts
-from pipeline.io.generations import DELETED, Version, current_inputs, recorded_inputs
+from pipeline.io.generations import DELETED, recorded_inputs
 from pipeline.io.layout import RUN_RECORD
+from pipeline.io.ledger import INPUT_COLUMNS, current_versions
 from pipeline.io.manifest import CommitRecord, read_state
 from pipeline.io.run_record import read_run_record
 
@@ -84,8 +85,7 @@ def read_log(fs: fsspec.AbstractFileSystem, root: str, output_url: str) -> Log:
     if record is None:
         raise NoInputError(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
     inputs = recorded_inputs(fs, root, record)
-    current: dict[str, Version] = current_inputs(inputs)
-    parts = current_parts(read_state(fs, root).commits, current)
+    parts = current_parts(read_state(fs, root).commits, current_versions(inputs.select(INPUT_COLUMNS)))
     return Log(output_identity(record), len(record["generations"]), parts, inputs, record["settings"])
 
 
