@@ -13,6 +13,7 @@ always, changed and deleted ones with --refresh (without it, a changed shard is 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
-from pipeline.io.ledger import committed, ledger
+from pipeline.io.ledger import committed, ledger, positions
 from pipeline.io.manifest import OutputState
 from pipeline.io.shards import Shard
 
@@ -100,22 +101,20 @@ def unfinished_work(state: OutputState, versions: pa.Table, listed: list[Shard])
 
 def changes_since(versions: pa.Table, listed: list[Shard]) -> Changes:
     """What the listing adds to, changes in and removes from the current input (versions)."""
-    listing = pa.table(
-        {
-            "url": url_column([s.url for s in listed]),
-            "listed": pa.array([s.fingerprint for s in listed], pa.string()),
-            "position": pa.array(np.arange(len(listed), dtype=np.int64)),
-        }
+    at = positions(url_column([s.url for s in listed]), versions.column("url"))
+    known = at >= 0
+    theirs = versions.column("fingerprint").take(pa.array(at[known]))
+    listed_prints = pa.array([s.fingerprint for s in listed], pa.string()).filter(pa.array(known))
+    rewritten = np.zeros(len(listed), dtype=bool)
+    rewritten[known] = pc.not_equal(listed_prints, theirs).to_numpy(zero_copy_only=False)
+    still_listed = np.zeros(versions.num_rows, dtype=bool)
+    still_listed[at[known]] = True
+    gone = versions.column("url").filter(pa.array(~still_listed))
+    return Changes(
+        added=list(itertools.compress(listed, ~known)),
+        changed=list(itertools.compress(listed, rewritten)),
+        deleted=sorted(urls_of(gone)),
     )
-    joined = listing.join(versions.select(["url", "fingerprint"]), "url", join_type="left outer", use_threads=False)
-    new = pc.is_null(joined.column("fingerprint"))
-    rewritten = pc.and_(pc.invert(new), pc.not_equal(joined.column("fingerprint"), joined.column("listed")))
-
-    def shards(mask) -> list[Shard]:
-        return [listed[i] for i in sorted(joined.filter(mask).column("position").to_pylist())]
-
-    gone = versions.filter(pc.invert(pc.is_in(versions.column("url"), listing.column("url"))))
-    return Changes(added=shards(new), changed=shards(rewritten), deleted=sorted(urls_of(gone.column("url"))))
 
 
 def add_generation(

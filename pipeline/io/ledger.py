@@ -165,12 +165,12 @@ def ledger(versions: pa.Table, done: pa.Table, committed_rows: pa.Table) -> pa.T
     n = versions.num_rows
     # A hash lookup of each fact's URL among the versions, then numpy: lighter than a join, which
     # would copy every URL again into its result.
-    at = _positions(done.column("url"), versions.column("url"))
+    at = positions(done.column("url"), versions.column("url"))
     same = _matches(at, done.column("fingerprint"), versions.column("fingerprint"))
     rows = np.full(n, -1, dtype=np.int64)
     rows[at[same]] = done.column("rows").to_numpy()[same]
 
-    at = _positions(committed_rows.column("url"), versions.column("url"))
+    at = positions(committed_rows.column("url"), versions.column("url"))
     same = _matches(at, committed_rows.column("generation"), versions.column("generation"))
     columns = {}
     for name, missing in (("first", -1), ("last", -1), ("merged", -1)):
@@ -194,8 +194,8 @@ def ledger(versions: pa.Table, done: pa.Table, committed_rows: pa.Table) -> pa.T
     )
 
 
-def _positions(keys: pa.ChunkedArray, among: pa.ChunkedArray) -> np.ndarray:
-    """Each key's row in among (unique), -1 where it is not there."""
+def positions(keys: pa.Array | pa.ChunkedArray, among: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Each key's row in among (whose values are unique), -1 where it is not there."""
     found = pc.index_in(keys, value_set=among.combine_chunks() if isinstance(among, pa.ChunkedArray) else among)
     return pc.fill_null(found, -1).to_numpy().astype(np.int64, copy=False)
 
