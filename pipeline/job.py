@@ -242,7 +242,6 @@ def _read_and_pack(plan: _Plan, repeats, progress):
             outcomes=outcomes,
         )
     )
-    device = device_type(config.actor_device)
     return rows.map_batches(
         tokenize_and_pack,
         batch_size=config.rows_per_tokenize_batch,
@@ -250,12 +249,17 @@ def _read_and_pack(plan: _Plan, repeats, progress):
         fn_kwargs=dict(
             tokenizer_json=plan.tokenizer_json,
             max_length=facts.max_length,
-            tokens_per_batch=config.tokens_per_batch or max(DEFAULT_MAX_TOKENS[device], facts.max_length),
+            tokens_per_batch=token_budget(config, facts),
             long_documents=config.long_documents,
             chunk_overlap=config.chunk_overlap,
         ),
         num_cpus=1,
     )
+
+
+def token_budget(config: JobConfig, facts: CheckpointFacts) -> int:
+    """Tokens per forward pass: what the pack stage packs to and the embed stage runs in one pass."""
+    return config.tokens_per_batch or max(DEFAULT_MAX_TOKENS[device_type(config.actor_device)], facts.max_length)
 
 
 def _embed(packs, plan: _Plan, progress):
@@ -283,6 +287,7 @@ def _embed(packs, plan: _Plan, progress):
             attention=config.attention,
             compile=config.compile,
             max_length=facts.max_length,
+            max_tokens=token_budget(config, facts),  # packs reach the model as the pack stage cut them
             revision=config.revision,
             storage_options=config.model_storage_options(),
             on_batch_done=BatchReporter(progress),

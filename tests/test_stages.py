@@ -186,3 +186,59 @@ def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
     globbed = discover_shards(s3, f"{s3.bucket}/in/a/*.jsonl")  # a glob's own listing is forgotten too
     assert [s.relative_path for s in globbed] == ["0.jsonl", "1.jsonl", "2.jsonl"]
     assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
+
+
+def test_a_pack_as_large_as_the_runs_token_budget_reaches_the_model_whole(tmp_path, tiny_checkpoint, tiny_encoder):
+    """--tokens-per-batch above the device's default: the embed stage runs each pack in one forward pass,
+    as the pack stage cut it, instead of splitting it again under the Encoder's own default."""
+    from pipeline.model.devices import DEFAULT_MAX_TOKENS
+
+    budget = 2 * DEFAULT_MAX_TOKENS["cpu"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "long.jsonl").write_bytes(
+        jsonl_bytes([{"id": f"d{i}", "text": " ".join(["retrieval encoder corpus"] * 60)} for i in range(40)])
+    )
+    rows = read_rows(tmp_path / "in")
+    packs = tokenize_and_pack(
+        rows, tokenizer_json=tiny_encoder.tokenizer.to_json(), max_length=512, tokens_per_batch=budget
+    )
+    (pack,) = table_to_packs(packs)
+    assert DEFAULT_MAX_TOKENS["cpu"] < pack.tokens <= budget
+    stage = EmbedStage(
+        str(tiny_checkpoint), pooling="cls", normalize=False, output_dtype="float32", device="cpu", max_tokens=budget
+    )
+    forward_passes = []
+    embed_packed = stage.encoder.embed_packed
+    stage.encoder.embed_packed = lambda ids, *args: forward_passes.append(len(ids)) or embed_packed(ids, *args)
+
+    out = stage(packs)
+
+    assert forward_passes == [pack.tokens]
+    expected = tiny_encoder.encode([r["text"] for r in rows.to_pylist()])
+    np.testing.assert_allclose(np.array(out.column("embedding").to_pylist()), expected, atol=1e-5)
+
+
+def test_the_job_gives_the_pack_and_embed_stages_one_token_budget(tmp_path, tiny_checkpoint, tiny_encoder, monkeypatch):
+    """The budget the pack stage packs to is the one the embed stage's Encoder runs by (the graph is
+    recorded, not run: Ray Data's read is replaced by a recorder of what the job asks of it)."""
+    from pipeline import job
+    from pipeline.config import JobConfig
+
+    class Graph:  # stands in for a Ray Dataset: keeps what the job asked of it
+        def map_batches(self, fn, **options):
+            self.options = options
+            return self
+
+    monkeypatch.setattr(job.ray.data, "read_datasource", lambda source, **options: Graph())
+    for tokens_per_batch in (None, 20_000):
+        config = JobConfig(
+            input=str(tmp_path),
+            output=str(tmp_path / "out"),
+            model=str(tiny_checkpoint),
+            tokens_per_batch=tokens_per_batch,
+        )
+        plan = job._Plan(config, tiny_encoder.facts, "{}", [], [], {}, 0, None, 0)
+        packed = job._read_and_pack(plan, repeats=None, progress=None).options["fn_kwargs"]["tokens_per_batch"]
+        embedded = job._embed(Graph(), plan, progress=None).options["fn_constructor_kwargs"]["max_tokens"]
+        assert packed == embedded == job.token_budget(config, tiny_encoder.facts)
+        assert packed == tokens_per_batch if tokens_per_batch else packed >= tiny_encoder.facts.max_length
