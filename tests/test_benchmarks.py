@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_throughput_benchmark_writes_its_figures_and_a_profile_by_kind_of_work(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--shape", "tiny", "--docs", "24", "--baseline-batch", "4"]
-        + ["--skip-job", "--profile", "--dtype", "bfloat16", "--fp32-sample", "8", "--results-dir", str(tmp_path)],
+        + ["--skip-job", "--profile", "--sweep", "2048", "--dtype", "bfloat16", "--fp32-sample", "8"]
+        + ["--results-dir", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -37,3 +38,5 @@ def test_the_throughput_benchmark_writes_its_figures_and_a_profile_by_kind_of_wo
     assert all(ms > 0 for family, ms in profile["ms"].items() if family in ("matmul", "attention", "norm"))
     assert sum(profile["ms"].values()) >= profile["wall_ms"] * 0.99
     assert "one pack of" in run.stdout and "matmul" in run.stdout
+    (swept,) = figures["sweep"]  # the CPU has one attention backend
+    assert swept["attention"] == "sdpa" and swept["tokens_per_batch"] == 2048 and swept["tokens_per_s"] > 0
