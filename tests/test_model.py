@@ -267,6 +267,26 @@ def test_compiled_elementwise_steps_give_the_same_embeddings(tiny_checkpoint, ti
     np.testing.assert_allclose(compiled.encode(TEXTS[:1]), tiny_encoder.encode(TEXTS[:1]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
+def test_whole_compiled_blocks_give_the_same_embeddings(tiny_checkpoint, tiny_encoder):
+    # Matmuls and element-wise steps in one compiled graph per block; the attention call as it is.
+    compiled = Encoder.from_pretrained(str(tiny_checkpoint), device="cpu")
+    compiled.model.compile_blocks()
+    np.testing.assert_allclose(compiled.encode(TEXTS[:3]), tiny_encoder.encode(TEXTS[:3]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_whole_compiled_blocks_on_gpu_match_the_reference(tiny_checkpoint):
+    encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cuda", dtype="bfloat16")
+    encoder.model.compile_blocks()
+    expected = reference_embeddings(tiny_checkpoint, encoder.tokenize(TEXTS).ids)
+    got = encoder.encode(TEXTS)
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.999
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_elementwise_steps_on_gpu_match_the_reference(tiny_checkpoint):
     encoder = Encoder.from_pretrained(str(tiny_checkpoint), device="cuda", dtype="bfloat16", compile=True)

@@ -137,6 +137,15 @@ class NeoBERT(nn.Module):
         """Fuse the element-wise steps with torch.compile; the kernels are built on first use."""
         self.ops = compiled_ops()
 
+    def compile_blocks(self) -> None:
+        """Compile each encoder block whole (matmuls and the element-wise steps between them) for any
+        number of tokens; an attention call torch.compile cannot trace runs as it is, between two
+        compiled pieces. Not the default: kept or dropped by measuring it on a GPU (benchmarks/gpu.sh)."""
+        # RoPE in real arithmetic inside the compiled graph: inductor generates no code for complex ops.
+        self.ops = ElementwiseOps("in compiled blocks", rms_norm, add_rms_norm, _heads_with(rope_real), silu_mul)
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
 
 class EncoderBlock(nn.Module):
     """Pre-norm block: x + wo(attn(rmsnorm(x))), then x + w3(silu(x1) * x2) with x1, x2 = w12(rmsnorm(x))."""
