@@ -13,8 +13,8 @@ RESULTS=${RESULTS:-benchmarks/results}
 
 $PYTHON -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_batching.py
 # Eager: the profile, and (b) with each attention backend at each token budget (the table that sets the defaults).
-$PYTHON -m benchmarks.throughput --shape "$SHAPE" --docs "$DOCS" --skip-baseline --skip-job --profile \
-    --sweep ${BUDGETS:-32768 65536 131072 262144}
+$PYTHON -m benchmarks.throughput --shape "$SHAPE" --docs "${SWEEP_DOCS:-$((DOCS / 2))}" --skip-baseline --skip-job \
+    --profile --sweep ${BUDGETS:-32768 65536 131072 262144}
 # Each encoder block compiled whole (a setting still to be decided by this measurement).
 $PYTHON -m benchmarks.throughput --shape "$SHAPE" --docs "$DOCS" --skip-baseline --skip-job --compile-blocks --profile
 job=()
