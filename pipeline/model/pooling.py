@@ -18,7 +18,10 @@ def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Ten
     if mode not in POOLINGS:
         raise ValueError(f"unknown pooling {mode!r}; choose one of {', '.join(POOLINGS)}")
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    doc_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
+    # output_size given: no wait for the GPU to learn how many tokens there are (a host sync per pack)
+    doc_of_token = torch.repeat_interleave(
+        torch.arange(len(lengths), device=hidden.device), lengths, output_size=hidden.shape[0]
+    )  # (T,)
     reduced = torch.zeros(len(lengths), hidden.shape[1], dtype=torch.float32, device=hidden.device)
     if mode == "max":
         index = doc_of_token.unsqueeze(1).expand(-1, hidden.shape[1])  # (T, C)
