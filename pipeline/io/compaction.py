@@ -88,8 +88,7 @@ def _merge(state: OutputState, table: pa.Table) -> None:
 
 def checkpoint_table(state: OutputState) -> pa.Table:
     """Everything the state says is committed or read, one row per fact."""
-    done_keys = state.done_rows(sorted({url for url, _ in state.file_failures}))
-    failed = [f for key, f in sorted(state.file_failures.items()) if key not in done_keys]
+    failed = state.failures_not_read_to_end()
     n_commits = len(state.commits)
     commits_and_failures = {
         "kind": ["commit"] * n_commits + ["failed"] * len(failed),

@@ -213,12 +213,15 @@ class OutputState:
             counts[f"file:{failure.reason}"] = counts.get(f"file:{failure.reason}", 0) + 1
         return dict(sorted(counts.items()))
 
+    def failures_not_read_to_end(self) -> list[FileFailure]:
+        """Failed reads, by (URL, fingerprint), of versions no read finished (whether current or not)."""
+        done = self.done_rows(sorted({url for url, _ in self.file_failures}))
+        return [f for key, f in sorted(self.file_failures.items()) if key not in done]
+
     def failed_part_way(self) -> list[FileFailure]:
         """Shards whose last read failed before their end (a later complete read of the same version
         supersedes a failure; so does a newer version, once the current input is known)."""
-        failures = sorted(self.file_failures.items())
-        done = self.done_rows(sorted({url for url, _ in self.file_failures}))
-        failed = [f for key, f in failures if key not in done]
+        failed = self.failures_not_read_to_end()
         if self.current is not None and failed:
             now = self.current.filter(pc.is_in(self.current.column("url"), url_column([f.url for f in failed])))
             current = dict(zip(urls_of(now.column("url")), now.column("fingerprint").to_pylist(), strict=True))
