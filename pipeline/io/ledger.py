@@ -100,8 +100,6 @@ def current_versions(inputs: pa.Table) -> pa.Table:
             entries = entries.filter(pc.invert(shadowed))
         newer.append(entries.column("url").combine_chunks())
         kept.append(entries.filter(pc.not_equal(entries.column("change"), "deleted")))
-    if not kept:
-        return inputs.select(["url", "generation", "fingerprint"])
     return pa.concat_tables(reversed(kept)).select(["url", "generation", "fingerprint"])
 
 
