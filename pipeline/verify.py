@@ -127,7 +127,7 @@ def _check_versions(state: OutputState, inputs: pa.Table, report: VerifyReport) 
     per_version = committed(ranges)
     recorded = recorded_versions(inputs)
     now, known = among(per_version, state.current), among(per_version, recorded)
-    merged = pc.fill_null(per_version.column("merged"), 0).to_numpy()
+    merged = per_version.column("merged").to_numpy()
     superseded = recorded.num_rows - state.current.num_rows
     superseded_rows = int(merged[known & ~now].sum())
 
@@ -141,11 +141,16 @@ def _check_versions(state: OutputState, inputs: pa.Table, report: VerifyReport) 
     total_rows = pc.sum(shards.filter(shards.column("complete")).column("rows")).as_py() or 0
     failed: list[str] = []
     todo = shards.filter(pc.invert(shards.column("complete")))
-    rows_of = dict(zip(urls_of(todo.column("url")), todo.column("rows").to_pylist(), strict=True))
-    fingerprint_of = dict(zip(urls_of(todo.column("url")), todo.column("fingerprint").to_pylist(), strict=True))
+    version_of = dict(
+        zip(
+            urls_of(todo.column("url")),
+            zip(todo.column("rows").to_pylist(), todo.column("fingerprint").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     for url, _, found in _version_ranges(ranges, todo):
-        committed_rows, done = merge_ranges(found), rows_of[url]
-        failure = state.file_failures.get((url, fingerprint_of[url]))
+        committed_rows, (done, fingerprint) = merge_ranges(found), version_of[url]
+        failure = state.file_failures.get((url, fingerprint))
         if done is None and failure is not None:
             # Accounted for as a file: its rows before the failure must each be committed once.
             gaps = missing(committed_rows, failure.rows_read)
