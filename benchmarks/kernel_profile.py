@@ -9,12 +9,11 @@ On a GPU a label's time is the device time of the kernels launched inside it; on
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks.timing import timed
 from pipeline import Encoder
 
 FAMILIES = ("matmul", "attention", "norm", "rope", "activation")
@@ -43,11 +42,8 @@ def profile_pack(encoder: Encoder, flat_ids: np.ndarray, cu_seqlens: np.ndarray,
         model.ops, encoder._attention = labelled, _labelled("attention", attention)
     try:
         with profile(activities=activities) as prof:
-            _synchronize(device)
-            started = time.perf_counter()
-            encoder.embed_packed(flat_ids, cu_seqlens)
-            _synchronize(device)
-            wall_ms = (time.perf_counter() - started) * 1e3
+            _, wall_s = timed(lambda: encoder.embed_packed(flat_ids, cu_seqlens), device)
+        wall_ms = wall_s * 1e3
     finally:
         model.ops, encoder._attention = ops, attention
     on_gpu = device.type == "cuda"
@@ -87,8 +83,3 @@ def _labelled(label: str, fn):
             return fn(*args, **kwargs)
 
     return run
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()

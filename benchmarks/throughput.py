@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.baseline_padded import embed_like_the_model_card
 from benchmarks.kernel_profile import profile_pack, profile_table
+from benchmarks.timing import synchronize, timed
 from pipeline import Encoder
 from pipeline.batching import padding_waste, plan_batches
 from pipeline.model import PRESETS, NeoBERTConfig
@@ -136,19 +137,6 @@ def tokenize_cpu_rate(texts: list[str], encoder: Encoder, tokens_per_batch: int)
     packs = tokenize_and_pack(rows, **options)
     cpu_s = time.process_time() - start
     return sum(len(ids) for ids in packs.column("input_ids").to_pylist()) / cpu_s
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device):
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def write_shards(texts: list[str], folder: Path, n_shards: int = 8) -> Path:
