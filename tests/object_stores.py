@@ -30,6 +30,11 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+# Logs of the servers running now: a failing test's report ends with their last lines (conftest.py),
+# because a server's own error (a 500's traceback) is otherwise lost with the CI machine.
+RUNNING_LOGS: set[Path] = set()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,6 +49,7 @@ def serving(command: list[str], url: str, log_path: Path) -> Iterator[str]:
         command, stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent, start_new_session=True
     )
     deadline = time.monotonic() + 60
+    RUNNING_LOGS.add(log_path)
     try:
         while True:
             try:
@@ -57,6 +63,7 @@ def serving(command: list[str], url: str, log_path: Path) -> Iterator[str]:
                 time.sleep(0.05)
         yield url
     finally:
+        RUNNING_LOGS.discard(log_path)
         _stop(server)
         log.close()
 

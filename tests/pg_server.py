@@ -8,6 +8,7 @@ unprivileged user, made the way that package makes it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from object_stores import RUNNING_LOGS
 
 PASSWORD = "test-secret-pw"
 START_TIMEOUT_S = 60
@@ -72,6 +75,7 @@ def start_postgres() -> tuple[PostgresServer, subprocess.Popen]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(folder / "server.log", "w")
+    RUNNING_LOGS.add(folder / "server.log")
     server = subprocess.Popen(
         [
             str(POSTGRES_BIN_PATH / "postgres"),
@@ -105,10 +109,13 @@ def start_postgres() -> tuple[PostgresServer, subprocess.Popen]:
     return PostgresServer(port, server.pid, folder), server
 
 
-def stop_postgres(server: subprocess.Popen) -> None:
+def stop_postgres(server: subprocess.Popen, folder: Path) -> None:
+    """Stop the server by its pid and delete its data folder (a load of rows leaves GBs of WAL)."""
     os.kill(server.pid, signal.SIGINT)  # fast shutdown
     try:
         server.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
+    RUNNING_LOGS.discard(folder / "server.log")
+    shutil.rmtree(folder, ignore_errors=True)

@@ -69,7 +69,7 @@ def outputs(tmp_path_factory, tiny_checkpoint) -> Outputs:
 def postgres():
     server, process = start_postgres()
     yield server
-    stop_postgres(process)
+    stop_postgres(process, server.folder)
 
 
 @pytest.fixture()
