@@ -72,8 +72,33 @@ def postgres():
     stop_postgres(process, server.folder)
 
 
+@pytest.fixture(scope="module")
+def iceberg_catalog(tmp_path_factory, s3_endpoint):
+    """The catalog `tests`, configured as a user does, by pyiceberg's environment variables: a SQL
+    catalog, the warehouse in a bucket of its own on S3. One for the module: pyiceberg reads its
+    environment once per process, so every test here, and each sync process it starts, sees this one."""
+    import pyiceberg.catalog
+    import s3fs
+    from pyiceberg.utils.config import Config
+
+    bucket = f"iceberg-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(bucket)
+    settings = {
+        "TYPE": "sql",
+        "URI": f"sqlite:///{tmp_path_factory.mktemp('iceberg')}/catalog.db",
+        "WAREHOUSE": f"s3://{bucket}/warehouse",
+        "S3__ENDPOINT": s3_endpoint,
+        "S3__REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in settings.items():
+            env.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
+        env.setattr(pyiceberg.catalog, "_ENV_CONFIG", Config())  # read again, now that it is set
+        yield
+
+
 @pytest.fixture()
-def target(request, tmp_path, postgres, monkeypatch):
+def target(request, tmp_path, postgres):
     """(kind, URL) of an empty target of the kind the test is parametrised with."""
     kind = request.param
     if kind == "pgvector":
@@ -81,18 +106,8 @@ def target(request, tmp_path, postgres, monkeypatch):
     if kind == "lancedb":
         return kind, f"lancedb://{tmp_path}/lance"
     if kind == "iceberg":
-        s3 = request.getfixturevalue("s3")
-        endpoint = request.getfixturevalue("s3_endpoint")
-        settings = {  # pyiceberg's own configuration, as a user sets it: a SQL catalog, the warehouse on S3
-            "TYPE": "sql",
-            "URI": f"sqlite:///{tmp_path}/catalog.db",
-            "WAREHOUSE": f"s3://{s3.bucket}/warehouse",
-            "S3__ENDPOINT": endpoint,
-            "S3__REGION": "us-east-1",
-        }
-        for key, value in settings.items():
-            monkeypatch.setenv(f"PYICEBERG_CATALOG__TESTS__{key}", value)
-        return kind, "iceberg://tests/lake"
+        request.getfixturevalue("iceberg_catalog")
+        return kind, "iceberg://tests/lake"  # each test syncs into tables of its own name
     return kind, f"qdrant+local://{tmp_path}/qdrant"
 
 
