@@ -7,10 +7,10 @@ import time
 import pyarrow.compute as pc
 
 from pipeline.config import StorageConfig
-from pipeline.io.generations import ADDED, CHANGED, DELETED, generation_rows, recorded_inputs, shard_ledger
+from pipeline.io.generations import ADDED, CHANGED, DELETED, generation_rows, ledger_in_batches
+from pipeline.io.layout import url_column, urls_of
 from pipeline.io.lease import read_lease
-from pipeline.io.ledger import INPUT_COLUMNS, current_versions
-from pipeline.io.manifest import read_state
+from pipeline.io.manifest import FileFailure, OutputState, read_state
 from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
 
@@ -23,11 +23,14 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     record = read_run_record(fs, root)
     if record is None:
         return {"output": output_url, "started": False}
-    state = read_state(fs, root)
-    state.current = current_versions(recorded_inputs(fs, root, record, INPUT_COLUMNS))
-    shards = shard_ledger(state, state.current)  # counted as columns: no Python object per shard
-    read_rows = shards.column("rows")
-    failed = state.failed_part_way()
+    for attempt in range(3):
+        state = read_state(fs, root, shard_facts=False)
+        try:
+            counts, failed = _shard_counts(fs, root, record, state)
+            break
+        except FileNotFoundError:  # a run's compaction replaced the checkpoint while it was read: again
+            if attempt == 2:
+                raise
     rows_by_generation = generation_rows(state)
     last_run = record["runs"][-1] if record.get("runs") else None
     lease = read_lease(fs, root, now_s=time.time())
@@ -50,11 +53,11 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "rows_committed": state.committed_rows,
         "rows_embedded": state.embedded_rows,
         "rows_dead_lettered": state.committed_rows - state.embedded_rows,
-        "rows_in_shards_read": (pc.sum(read_rows).as_py() or 0) + sum(f.rows_read for f in failed),
-        "dead_letters_by_reason": state.error_counts(),
-        "shards": shards.num_rows,
-        "shards_complete": pc.sum(shards.column("complete")).as_py() or 0,
-        "shards_read": read_rows.length() - read_rows.null_count,
+        "rows_in_shards_read": counts["rows_read"] + sum(f.rows_read for f in failed),
+        "dead_letters_by_reason": state.error_counts(failed),
+        "shards": counts["shards"],
+        "shards_complete": counts["complete"],
+        "shards_read": counts["read"],
         "shards_failed_part_way": len(failed),
         "generations": [
             {
@@ -72,6 +75,26 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "writer": writer,
         "unfinished_run": unfinished,
     }
+
+
+def _shard_counts(fs, root: str, record: dict, state: OutputState) -> tuple[dict[str, int], list[FileFailure]]:
+    """Current shards, how many are complete and read to their end, and their rows, counted a batch of
+    URLs at a time (generations.ledger_in_batches): memory does not grow with the corpus. And the
+    failed reads of current versions that no read finished (OutputState.failed_part_way)."""
+    counts = dict.fromkeys(("shards", "complete", "read", "rows_read"), 0)
+    failed_urls = url_column(sorted({url for url, _ in state.file_failures}))
+    unfinished: set[tuple[str, str]] = set()
+    for shards in ledger_in_batches(fs, root, record, state):
+        read_rows = shards.column("rows")
+        counts["shards"] += shards.num_rows
+        counts["complete"] += pc.sum(shards.column("complete")).as_py() or 0
+        counts["read"] += read_rows.length() - read_rows.null_count
+        counts["rows_read"] += pc.sum(read_rows).as_py() or 0
+        if len(failed_urls):
+            mine = shards.filter(pc.is_in(shards.column("url"), value_set=failed_urls))
+            mine = mine.filter(pc.is_null(mine.column("rows")))
+            unfinished |= set(zip(urls_of(mine.column("url")), mine.column("fingerprint").to_pylist(), strict=True))
+    return counts, [f for key, f in sorted(state.file_failures.items()) if key in unfinished]
 
 
 def _added_v1(generation: dict) -> int:

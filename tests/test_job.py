@@ -14,7 +14,7 @@ from pipeline.config import StorageConfig, load_config
 from pipeline.errors import EXIT_OK, ModelError, NoInputError, OutputConflictError, SettingsError
 from pipeline.io.generations import recorded_inputs
 from pipeline.io.layout import PARTS, RUN_RECORD, urls_of
-from pipeline.io.run_record import SettingsMismatchError
+from pipeline.io.run_record import MANIFEST_VERSION, SettingsMismatchError
 from pipeline.io.storage import filesystem_for
 from pipeline.job import run_embedding_job
 
@@ -67,7 +67,7 @@ def test_jsonl_gz_shards_on_s3_embed_into_parquet_on_s3(ray_local, s3, s3_endpoi
     record = json.loads(s3.cat(f"{s3.bucket}/out/{RUN_RECORD}"))
     assert record["settings"]["model_weights_sha256"] == tiny_encoder.facts.weights_sha256
     assert record["settings"]["pooling"] == "cls" and record["settings"]["compute_dtype"] == "float32"
-    assert record["manifest_version"] == 2 and record["generations"][0]["shards"] == len(shards)
+    assert record["manifest_version"] == MANIFEST_VERSION and record["generations"][0]["shards"] == len(shards)
     fs, root = filesystem_for(f"s3://{s3.bucket}/out", StorageConfig(endpoint_url=s3_endpoint))
     inputs = recorded_inputs(fs, root, record)
     assert urls_of(inputs.column("url")) == [f"s3://{s3.bucket}/{k}" for k in sorted(shards)]

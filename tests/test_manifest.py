@@ -18,7 +18,7 @@ from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READ
 from pipeline.io.lease import acquire_lease
 from pipeline.io.manifest import read_state
 from pipeline.io.recovery import recover, repair
-from pipeline.io.run_record import append_run, read_run_record
+from pipeline.io.run_record import MANIFEST_VERSION, append_run, read_run_record
 from pipeline.io.shards import discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
@@ -211,6 +211,8 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
 
     status = output_status(str(out))  # read-only: the record stays as it is
     assert status["shards"] == 3 and [(g["added"], g["changed"]) for g in status["generations"]] == [(3, 0)]
+    assert status["shards_failed_part_way"] == 1 and status["shards_complete"] == 2
+    assert status["dead_letters_by_reason"] == {"empty_text": 2, "file:binary_file": 1}
     assert "manifest_version" not in read_run_record(fs, root)
     state = read_state(fs, root)
     assert {url: rows for (url, _), rows in done_facts(state).items()} == {
@@ -227,10 +229,20 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     append_run(fs, root, _Summary())
     assert not list((out / SHARDS).iterdir()) and not list((out / FAILED).iterdir())
     upgraded = read_run_record(fs, root)
-    assert upgraded["manifest_version"] == 2 and "inputs" not in upgraded["generations"][0]
+    assert upgraded["manifest_version"] == MANIFEST_VERSION and "inputs" not in upgraded["generations"][0]
     assert (out / INPUTS / "000000.parquet").exists()
     assert urls_of(recorded_inputs(fs, root, upgraded).column("url")) == [i["url"] for i in inputs]
     assert state_facts(read_state(fs, root)) == state_facts(state)
+
+
+def test_an_output_of_a_newer_manifest_version_is_refused_by_name(tmp_path):
+    from pipeline.errors import OutputConflictError
+    from pipeline.status import output_status
+
+    fs, root = committed_output(tmp_path, parts=1)
+    (tmp_path / "out" / RUN_RECORD).write_text(json.dumps({"manifest_version": MANIFEST_VERSION + 1}))
+    with pytest.raises(OutputConflictError, match=f"newer neobert-pipeline .manifest version {MANIFEST_VERSION + 1}"):
+        output_status(root)
 
 
 class _Summary:

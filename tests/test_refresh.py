@@ -7,6 +7,7 @@ import shutil
 import signal
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from cli_process import RUN_TIMEOUT_S, embed_process
 from corpus import jsonl_bytes, make_docs
@@ -246,3 +247,83 @@ def test_vacuum_after_three_refreshes_removes_only_fully_superseded_parts_even_w
     current = current_versions(recorded_inputs(fs_out, root, read_run_record(fs_out, root)))
     commits = read_state(fs_out, root).commits
     assert all(shards or c.generation == 3 for c, shards in zip(commits, current_shards(commits, current), strict=True))
+
+
+def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_whole_read_counts(
+    ray_local, tmp_path, tiny_checkpoint, monkeypatch
+):
+    """Two generations compacted into a sorted checkpoint, a third in records beside it: status,
+    reading _inputs/ and the checkpoint two rows at a time, counts what the state read whole counts;
+    and so it does from a checkpoint written before the facts were sorted."""
+    import fsspec
+
+    from pipeline.io import generations, sorted_facts
+    from pipeline.io.compaction import CHECKPOINT_SCHEMA
+    from pipeline.io.layout import CHECKPOINTS, COMMITS, READS, parquet_bytes
+    from pipeline.io.lease import acquire_lease
+    from pipeline.io.ledger import INPUT_COLUMNS, current_versions
+    from pipeline.io.manifest import read_state
+    from pipeline.io.recovery import recover
+    from pipeline.io.run_record import read_run_record
+
+    monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    corpus = first_corpus()
+    write(fs, str(tmp_path / "in"), corpus)
+    run(str(tmp_path / "in"), root, tiny_checkpoint)
+    write(fs, str(tmp_path / "in"), refreshed(corpus))
+    run(str(tmp_path / "in"), root, tiny_checkpoint, refresh=True)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)  # compacts every record so far into one checkpoint
+    (checkpoint,) = (tmp_path / "out" / CHECKPOINTS).iterdir()
+    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1000)
+    write(fs, str(tmp_path / "in"), {**refreshed(corpus), "u0.jsonl": make_docs(3, seed=500, prefix="u0-")})
+    run(str(tmp_path / "in"), root, tiny_checkpoint)  # generation 2: in records beside the checkpoint
+
+    def whole() -> dict:
+        state = read_state(fs, root)
+        record = read_run_record(fs, root)
+        shards = generations.shard_ledger(
+            state, current_versions(generations.recorded_inputs(fs, root, record, INPUT_COLUMNS))
+        )
+        return {
+            "shards": shards.num_rows,
+            "shards_complete": sum(shards.column("complete").to_pylist()),
+            "shards_read": shards.num_rows - shards.column("rows").null_count,
+            "rows_in_shards_read": sum(r or 0 for r in shards.column("rows").to_pylist()),
+        }
+
+    steps = []
+    in_step = generations.in_step
+    monkeypatch.setattr(generations, "in_step", lambda *a: (steps.append(s) or s for s in in_step(*a)))
+    status = output_status(root)
+    assert {k: status[k] for k in whole()} == whole()
+    assert status["shards"] == status["shards_complete"] == 10 and status["rows_in_shards_read"] == 12 * 7 + 7 + 5 + 3
+    assert len(steps) >= 5, "read a few URLs at a time"
+
+    # The same checkpoint as written before: no range rows, each commit's ranges in its record, unsorted.
+    state = read_state(fs, root)
+    assert not state.file_failures
+    old = pa.table(
+        {
+            "kind": ["commit"] * len(state.commits) + ["done"] * state.done.num_rows,
+            "url": pa.concat_arrays(
+                [pa.nulls(len(state.commits), pa.binary()), state.done.column("url").combine_chunks()]
+            ),
+            "fingerprint": [None] * len(state.commits) + state.done.column("fingerprint").to_pylist(),
+            "rows": [c.rows for c in state.commits] + state.done.column("rows").to_pylist(),
+            "reason": pa.nulls(len(state.commits) + state.done.num_rows, pa.string()),
+            "message": pa.nulls(len(state.commits) + state.done.num_rows, pa.string()),
+            "commit": [c.to_json() for c in state.commits] + [None] * state.done.num_rows,
+        },
+        schema=pa.schema(
+            [CHECKPOINT_SCHEMA.field(n) for n in ("kind", "url", "fingerprint", "rows", "reason", "message", "commit")]
+        ),
+    )
+    for folder in (COMMITS, READS):
+        for record in (tmp_path / "out" / folder).iterdir():
+            record.unlink()  # everything is in the old-style checkpoint now
+    checkpoint.write_bytes(parquet_bytes(old))
+    assert read_state(fs, root).committed_ranges() == state.committed_ranges()
+    assert {k: output_status(root)[k] for k in whole()} == {k: status[k] for k in whole()}

@@ -6,6 +6,11 @@ lease writes everything the state holds into _checkpoint/<seq>.parquet (one row 
 shard read to its end, per shard failed part way), then deletes the records it folded in and the
 older checkpoints, as table formats compact their logs.
 
+The per-shard facts (shards read to their end, committed ranges) are rows of their own, sorted by URL
+(sorted_facts.py), so that `status` reads them a batch at a time; a commit row holds its record
+without its ranges. A checkpoint written before this (its commits' ranges inside their records) is
+still read, whole.
+
 Crash-safe at every step: readers take the newest checkpoint plus every record still there, and
 the facts merge idempotently (a part by its name, a shard by its URL), so a record deleted late is
 only read twice. The checkpoint is created only if its name is free, so two compactions that read
@@ -14,14 +19,18 @@ the same state cannot both write the next one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.faults import failpoint
+from pipeline.io import sorted_facts
 from pipeline.io.layout import (
     CHECKPOINTS,
     create_exclusive,
@@ -34,7 +43,9 @@ from pipeline.io.layout import (
     urls_of,
 )
 from pipeline.io.lease import check_lease
+from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges
 from pipeline.io.manifest import CommitRecord, FileFailure, OutputState
+from pipeline.io.sorted_facts import SORTED_BY, is_sorted, sorted_by_url
 
 log = logging.getLogger(__name__)
 
@@ -43,74 +54,154 @@ COMPACT_AFTER_RECORDS = 64
 
 CHECKPOINT_SCHEMA = pa.schema(
     [
-        ("kind", pa.string()),  # commit | done | failed
+        ("kind", pa.string()),  # commit | failed | done | range
         ("url", pa.binary()),  # layout.url_column
         ("fingerprint", pa.string()),
         ("rows", pa.int64()),  # rows of a shard read to its end; rows read before a failure
         ("reason", pa.string()),
         ("message", pa.string()),
-        ("commit", pa.binary()),  # the commit record, as its own file holds it
+        ("commit", pa.binary()),  # the commit record (without its ranges where the file is sorted)
+        ("part", pa.string()),  # a range's part
+        ("generation", pa.int32()),  # a range's generation
+        ("start", pa.int64()),  # a range's rows: [start, end)
+        ("end", pa.int64()),
     ]
 )
+COMMIT, FAILED_READ, DONE, RANGE = "commit", "failed", "done", "range"
 
 
-def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> None:
-    """Add the newest checkpoint's facts to state (records already in it are merged, not doubled)."""
+def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState, *, shard_facts: bool = True) -> None:
+    """Add the newest checkpoint's facts to state (records already in it are merged, not doubled).
+    shard_facts=False leaves a sorted checkpoint's done shards and ranges in the file, for
+    shard_facts_in_batches; its commits' ranges are then empty."""
     for attempt in range(3):
         paths = sorted(listing(fs, join(root, CHECKPOINTS), ".parquet"))
         if not paths:
             return
         try:
             with fs.open(paths[-1], "rb") as f:
-                table = pq.read_table(f, schema=CHECKPOINT_SCHEMA)
+                parquet = pq.ParquetFile(f)
+                if shard_facts or not is_sorted(parquet.schema_arrow):
+                    table = parquet.read()
+                else:
+                    table = _read_kinds(parquet, (COMMIT, FAILED_READ))
+                    state.facts_in_checkpoint = True
         except FileNotFoundError:  # a newer compaction replaced it since the listing
             if attempt == 2:
                 raise
             continue
         state.checkpoints = paths
-        _merge(state, table)
+        _merge(state, _as_current_schema(table), facts_as_rows=is_sorted(table.schema))
         return
 
 
-def _merge(state: OutputState, table: pa.Table) -> None:
+def _as_current_schema(table: pa.Table) -> pa.Table:
+    """A checkpoint's table with every column of CHECKPOINT_SCHEMA (an older one lacks the range columns)."""
+    for field in CHECKPOINT_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(CHECKPOINT_SCHEMA.names).cast(CHECKPOINT_SCHEMA)
+
+
+def _read_kinds(parquet: pq.ParquetFile, kinds: tuple[str, ...]) -> pa.Table:
+    """The rows of these kinds, reading only the row groups whose statistics say they may hold them."""
+    tables = [
+        _of_kinds(parquet.read_row_group(g), kinds)
+        for g in range(parquet.num_row_groups)
+        if _may_hold(parquet, g, kinds)
+    ]
+    return pa.concat_tables(tables) if tables else parquet.schema_arrow.empty_table()
+
+
+def _may_hold(parquet: pq.ParquetFile, group: int, kinds: tuple[str, ...]) -> bool:
+    column = parquet.metadata.row_group(group).column(parquet.schema_arrow.get_field_index("kind"))
+    stats = column.statistics
+    if stats is None or not stats.has_min_max:
+        return True
+    return any(stats.min <= kind <= stats.max for kind in kinds)
+
+
+def _of_kinds(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
+    return table.filter(pc.is_in(table.column("kind"), pa.array(kinds)))
+
+
+def _merge(state: OutputState, table: pa.Table, *, facts_as_rows: bool) -> None:
     kind = table.column("kind")
     named = {c.part for c in state.commits} | {c.part for c in state.fenced}
-    for raw in table.filter(pc.equal(kind, "commit")).column("commit").to_pylist():
+    ranges_by_part = _ranges_by_part(table.filter(pc.equal(kind, RANGE))) if facts_as_rows else {}
+    for raw in table.filter(pc.equal(kind, COMMIT)).column("commit").to_pylist():
         commit = CommitRecord.from_json(raw)
         if commit.part not in named:
+            if facts_as_rows:
+                commit = dataclasses.replace(commit, ranges=ranges_by_part.get(commit.part, PackedRanges({})))
             state.commits.append(commit)
-    state.done_chunks.append(table.filter(pc.equal(kind, "done")).select(["url", "fingerprint", "rows"]))
-    failed = table.filter(pc.equal(kind, "failed"))
+    state.done_chunks.append(table.filter(pc.equal(kind, DONE)).select(DONE_SCHEMA.names))
+    failed = table.filter(pc.equal(kind, FAILED_READ))
     for url, row in zip(urls_of(failed.column("url")), failed.to_pylist(), strict=True):
         failure = FileFailure(url, row["fingerprint"], row["rows"], row["reason"], row["message"])
         state.file_failures.setdefault((url, failure.fingerprint), failure)
 
 
+def _ranges_by_part(ranges: pa.Table) -> dict[str, PackedRanges]:
+    """A sorted checkpoint's range rows as each commit's PackedRanges (one sort by part, then slices)."""
+    ranges = ranges.take(pc.sort_indices(ranges, sort_keys=[("part", "ascending"), ("url", "ascending")]))
+    parts = ranges.column("part").to_numpy(zero_copy_only=False)
+    heads = [0, *(np.flatnonzero(parts[1:] != parts[:-1]) + 1).tolist(), len(parts)]
+    return {
+        parts[a]: PackedRanges.of_columns(ranges.slice(a, b - a).select(["url", "start", "end"]))
+        for a, b in zip(heads, heads[1:], strict=False)
+        if b > a
+    }
+
+
+def shard_facts_in_batches(fs: fsspec.AbstractFileSystem, state: OutputState, kind: str) -> Iterator[pa.Table]:
+    """The done shards (DONE_SCHEMA) or committed ranges (RANGES_SCHEMA) that read_checkpoint left in a
+    sorted checkpoint (shard_facts=False), in URL order, a row group at a time; nothing otherwise."""
+    if not state.facts_in_checkpoint:
+        return
+    schema = DONE_SCHEMA if kind == DONE else RANGES_SCHEMA
+    with fs.open(state.checkpoints[-1], "rb") as f:
+        parquet = pq.ParquetFile(f)
+        for group in range(parquet.num_row_groups):
+            if _may_hold(parquet, group, (kind,)):
+                table = _of_kinds(parquet.read_row_group(group, columns=["kind", *schema.names]), (kind,))
+                yield table.select(schema.names).cast(schema)
+
+
 def checkpoint_table(state: OutputState) -> pa.Table:
-    """Everything the state says is committed or read, one row per fact."""
+    """Everything the state says is committed or read, one row per fact: commits and failures first,
+    then the done shards and the ranges, each sorted by URL."""
     failed = state.failures_not_read_to_end()
     n_commits = len(state.commits)
     commits_and_failures = {
-        "kind": ["commit"] * n_commits + ["failed"] * len(failed),
+        "kind": [COMMIT] * n_commits + [FAILED_READ] * len(failed),
         "url": url_column([None] * n_commits + [f.url for f in failed]),
         "fingerprint": [None] * n_commits + [f.fingerprint for f in failed],
         "rows": [c.rows for c in state.commits] + [f.rows_read for f in failed],
         "reason": [None] * n_commits + [f.reason for f in failed],
         "message": [None] * n_commits + [f.message for f in failed],
-        "commit": [c.to_json() for c in state.commits] + [None] * len(failed),
+        "commit": [c.to_json(with_ranges=False) for c in state.commits] + [None] * len(failed),
     }
-    done = state.done  # already columns: copied as they are, not a Python object per shard
-    n_done = done.num_rows
-    done_rows = {
-        "kind": pa.repeat("done", n_done),
-        "url": done.column("url"),
-        "fingerprint": done.column("fingerprint"),
-        "rows": done.column("rows"),
-        **{name: pa.nulls(n_done, CHECKPOINT_SCHEMA.field(name).type) for name in ("reason", "message", "commit")},
+    done = sorted_by_url(state.done)  # already columns: copied as they are, not a Python object per shard
+    ranges = [(c.part, c.ranges_table()) for c in state.commits]
+    ranges = [t.append_column("part", pa.repeat(pa.scalar(part), t.num_rows)) for part, t in ranges]
+    ranges = sorted_by_url(pa.concat_tables(ranges)) if ranges else None
+    tables = [
+        _fill(pa.table(commits_and_failures), n_commits + len(failed)),
+        _fill(done.append_column("kind", pa.repeat(DONE, done.num_rows)), done.num_rows),
+    ]
+    if ranges is not None:
+        tables.append(_fill(ranges.append_column("kind", pa.repeat(RANGE, ranges.num_rows)), ranges.num_rows))
+    return pa.concat_tables(tables).replace_schema_metadata(SORTED_BY)
+
+
+def _fill(table: pa.Table, n: int) -> pa.Table:
+    """table with CHECKPOINT_SCHEMA's columns, the ones it lacks all null."""
+    columns = {
+        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+        for f in CHECKPOINT_SCHEMA
     }
-    return pa.concat_tables(
-        [pa.table(commits_and_failures, schema=CHECKPOINT_SCHEMA), pa.table(done_rows, schema=CHECKPOINT_SCHEMA)]
-    )
+    return pa.table(columns, schema=CHECKPOINT_SCHEMA)
 
 
 def compact(fs: fsspec.AbstractFileSystem, root: str, state: OutputState, lease_token: int) -> bool:
@@ -122,7 +213,7 @@ def compact(fs: fsspec.AbstractFileSystem, root: str, state: OutputState, lease_
     last = int(name_of(state.checkpoints[-1]).split(".")[0]) if state.checkpoints else 0
     path = join(root, CHECKPOINTS, f"{last + 1:010d}.parquet")
     try:
-        create_exclusive(fs, path, parquet_bytes(checkpoint_table(state)))
+        create_exclusive(fs, path, parquet_bytes(checkpoint_table(state), sorted_facts.BATCH_ROWS))
     except FileExistsError:
         log.warning("another compaction of %s wrote %s first; leaving the records as they are", root, path)
         return False

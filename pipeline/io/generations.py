@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -24,10 +25,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io import sorted_facts
+from pipeline.io.compaction import DONE, RANGE, shard_facts_in_batches
 from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
-from pipeline.io.ledger import committed, ledger, positions
+from pipeline.io.ledger import (
+    DONE_SCHEMA,
+    INPUT_COLUMNS,
+    RANGES_SCHEMA,
+    committed,
+    current_versions,
+    ledger,
+    positions,
+    unique_done,
+)
 from pipeline.io.manifest import OutputState
 from pipeline.io.shards import Shard
+from pipeline.io.sorted_facts import file_batches, in_step, sorted_by_url
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +90,33 @@ def recorded_inputs(
 def shard_ledger(state: OutputState, versions: pa.Table) -> pa.Table:
     """ledger.ledger of these versions (ledger.current_versions) against what the state holds."""
     return ledger(versions, state.done, committed(state.ranges()))
+
+
+def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState) -> Iterator[pa.Table]:
+    """shard_ledger of the current versions, a batch of URLs at a time (sorted_facts.in_step): every
+    generation's entries, done shards and committed ranges, read in URL order from _inputs/ and the
+    checkpoint (state read with shard_facts=False) together with the records' facts in state."""
+    inputs_schema = pa.schema([INPUTS_SCHEMA.field(c) for c in INPUT_COLUMNS])
+    generations = []
+    for generation in record["generations"]:
+        if "inputs" in generation:  # manifest version 1: the shards inline in the record
+            generations.append([inputs_table(generation["inputs"], generation["generation"]).select(INPUT_COLUMNS)])
+        else:
+            generations.append(file_batches(fs, join(root, generation["inputs_file"]), INPUT_COLUMNS, INPUTS_SCHEMA))
+    sources = [
+        *generations,
+        shard_facts_in_batches(fs, state, DONE),
+        [sorted_by_url(state.done)],
+        shard_facts_in_batches(fs, state, RANGE),
+        [sorted_by_url(state.ranges())],
+    ]
+    empty = [inputs_schema.empty_table()] * len(generations) + [DONE_SCHEMA.empty_table()] * 2
+    empty += [RANGES_SCHEMA.empty_table()] * 2
+    for step in in_step(sources, empty):
+        *entries, checkpoint_done, records_done, checkpoint_ranges, records_ranges = step
+        versions = current_versions(pa.concat_tables(entries))  # generation order, as current_versions needs
+        ranges = pa.concat_tables([checkpoint_ranges, records_ranges])
+        yield ledger(versions, unique_done([checkpoint_done, records_done]), committed(ranges))
 
 
 def unfinished_work(state: OutputState, versions: pa.Table, listed: list[Shard]) -> dict[int, list[Shard]]:
@@ -138,8 +178,9 @@ def add_generation(
         },
         schema=INPUTS_SCHEMA,
     )
+    table = sorted_by_url(table)  # read back a batch of URLs at a time (sorted_facts.py)
     inputs_file = f"{INPUTS}/{number:06d}.parquet"
-    atomic_write(fs, join(root, inputs_file), parquet_bytes(table))
+    atomic_write(fs, join(root, inputs_file), parquet_bytes(table, sorted_facts.BATCH_ROWS))
     record["generations"].append(
         {
             "generation": number,
@@ -163,8 +204,8 @@ def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> No
             inputs = generation.pop("inputs")
             generation["inputs_file"] = f"{INPUTS}/{generation['generation']:06d}.parquet"
             generation["shards"] = generation["shards_added"] = len(inputs)
-            table = inputs_table(inputs, generation["generation"])
-            atomic_write(fs, join(root, generation["inputs_file"]), parquet_bytes(table))
+            table = sorted_by_url(inputs_table(inputs, generation["generation"]))
+            atomic_write(fs, join(root, generation["inputs_file"]), parquet_bytes(table, sorted_facts.BATCH_ROWS))
 
 
 def inputs_table(inputs: list[dict], generation: int) -> pa.Table:

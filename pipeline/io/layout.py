@@ -91,10 +91,10 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
         fs.pipe_file(path, data, mode="create")
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     """A whole Parquet file in memory (zstd), for atomic_write."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     return sink.getvalue().to_pybytes()
 
 

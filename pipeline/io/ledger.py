@@ -55,6 +55,14 @@ class PackedRanges(Mapping):
         )
         self._shards = len(ranges)
 
+    @classmethod
+    def of_columns(cls, columns: pa.Table) -> PackedRanges:
+        """From a table of url, start, end (one row per range) as it is."""
+        packed = cls.__new__(cls)
+        packed.columns = columns.select(["url", "start", "end"])
+        packed._shards = pc.count_distinct(columns.column("url")).as_py()
+        return packed
+
     def unpacked(self) -> dict[str, list[Range]]:
         ranges: dict[str, list[Range]] = {}
         columns = (urls_of(self.columns.column("url")), *(self.columns.column(c).to_pylist() for c in ("start", "end")))

@@ -74,17 +74,20 @@ class CommitRecord:
     def embedded_rows(self) -> int:
         return self.rows - self.error_rows
 
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "part": self.part,
-                "rows": self.rows,
-                "generation": self.generation,
-                "ranges": dict(self.ranges.items()),
-                "error_counts": self.error_counts,
-                "lease_token": self.lease_token,
-            }
-        ).encode()
+    def to_json(self, *, with_ranges: bool = True) -> bytes:
+        """The record as its own file holds it; with_ranges=False leaves out the ranges (a sorted
+        checkpoint holds them as rows of their own)."""
+        record = {
+            "part": self.part,
+            "rows": self.rows,
+            "generation": self.generation,
+            "ranges": dict(self.ranges.items()),
+            "error_counts": self.error_counts,
+            "lease_token": self.lease_token,
+        }
+        if not with_ranges:
+            del record["ranges"]
+        return json.dumps(record).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> CommitRecord:
@@ -92,7 +95,7 @@ class CommitRecord:
         return cls(
             data["part"],
             data["rows"],
-            PackedRanges(data["ranges"]),
+            PackedRanges(data.get("ranges", {})),
             data["generation"],
             data.get("error_counts", {}),
             data.get("lease_token", 0),
@@ -159,6 +162,9 @@ class OutputState:
     """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
     vacuuming: set[str] = field(default_factory=set)
     """Parts an interrupted vacuum was deleting (_vacuum.json): their files are no orphans."""
+    facts_in_checkpoint: bool = False
+    """Whether the checkpoint's done shards and ranges were left in its file (read_state(shard_facts=False)):
+    done, ranges() and the checkpointed commits' ranges then hold only the records' facts."""
     current: pa.Table | None = None
     """The current input's versions (ledger.current_versions: url, fingerprint, ...), once known:
     failures of other versions of a shard are then history, not failed files."""
@@ -203,13 +209,14 @@ class OutputState:
     def embedded_rows(self) -> int:
         return sum(c.embedded_rows for c in self.commits)
 
-    def error_counts(self) -> dict[str, int]:
-        """Dead-lettered rows by reason, plus one per failed file under 'file:<reason>'."""
+    def error_counts(self, failed: list[FileFailure] | None = None) -> dict[str, int]:
+        """Dead-lettered rows by reason, plus one per failed file under 'file:<reason>' (failed, or
+        failed_part_way())."""
         counts: dict[str, int] = {}
         for commit in self.commits:
             for reason, n in commit.error_counts.items():
                 counts[reason] = counts.get(reason, 0) + n
-        for failure in self.failed_part_way():
+        for failure in self.failed_part_way() if failed is None else failed:
             counts[f"file:{failure.reason}"] = counts.get(f"file:{failure.reason}", 0) + 1
         return dict(sorted(counts.items()))
 
@@ -251,8 +258,9 @@ def _part_of(path: str) -> str:
     return name_of(path).removesuffix(".parquet")
 
 
-def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
-    """The output's state, in a handful of listings and requests.
+def read_state(fs: fsspec.AbstractFileSystem, root: str, *, shard_facts: bool = True) -> OutputState:
+    """The output's state, in a handful of listings and requests. shard_facts=False leaves the
+    checkpoint's per-shard facts in its file, to be read in batches (compaction.shard_facts_in_batches).
 
     Staging is listed before the commit records, and they before the published files: a part
     staged, committed and published while this reads is then named by a record this read sees, so
@@ -279,7 +287,7 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str) -> OutputState:
     for path, raw in cat_many(fs, reads, missing_ok=True):
         add_read_record(state, json.loads(raw))
         state.records.append(path)
-    read_checkpoint(fs, root, state)
+    read_checkpoint(fs, root, state, shard_facts=shard_facts)
     if exists_now(fs, join(root, VACUUM)):
         state.vacuuming = set(json.loads(fs.cat_file(join(root, VACUUM)))["parts"])
     for folder in (PARTS, ERRORS):

@@ -85,7 +85,9 @@ OUTPUT_ENTRIES = (
     VACUUM,
     RUN_RECORD,
 )
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+"""2: generations in _inputs/; 3: _inputs/ and the checkpoint's per-shard facts sorted by URL (sorted_facts.py).
+A reader takes every version up to its own and refuses a newer one, which it may misread."""
 
 
 class SettingsMismatchError(OutputConflictError):
@@ -125,7 +127,15 @@ def embedding_settings(config: JobConfig, facts: CheckpointFacts, tokenizer_json
 
 def read_run_record(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
     path = join(root, RUN_RECORD)
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    record = json.loads(fs.cat_file(path))
+    if record.get("manifest_version", 1) > MANIFEST_VERSION:
+        raise OutputConflictError(
+            f"{root} was written by a newer neobert-pipeline (manifest version {record['manifest_version']}, "
+            f"this one reads up to {MANIFEST_VERSION}): upgrade neobert-pipeline to read or extend it"
+        )
+    return record
 
 
 def open_run_record(
