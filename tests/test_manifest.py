@@ -130,7 +130,6 @@ def test_compaction_folds_every_record_into_one_checkpoint_and_the_state_reads_t
     fs, root = committed_output(tmp_path)
     before = state_facts(read_state(fs, root))
     monkeypatch.setattr(compaction, "COMPACT_AFTER_RECORDS", 1)
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
     with acquire_lease(fs, root) as lease:
         recover(fs, root, lease.token)
         assert not list((tmp_path / "out" / COMMITS).iterdir()) and not list((tmp_path / "out" / READS).iterdir())
@@ -146,11 +145,28 @@ def test_compaction_folds_every_record_into_one_checkpoint_and_the_state_reads_t
     assert state_facts(read_state(fs, root)) == grown
 
 
+def test_a_few_records_that_name_many_shards_are_compacted_too(tmp_path, monkeypatch):
+    """A run of large read tasks leaves few records, each naming thousands of shards: folded into
+    the sorted checkpoint, their facts are read a batch at a time (status) instead of whole."""
+    fs, root = committed_output(tmp_path)
+    state = read_state(fs, root)
+    assert 0 < len(state.records) < compaction.COMPACT_AFTER_RECORDS
+    monkeypatch.setattr(compaction, "COMPACT_AFTER_FACTS", state.facts_in_records + 1)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)
+        assert not (tmp_path / "out" / CHECKPOINTS).exists(), "fewer facts than the threshold: left as they are"
+        monkeypatch.setattr(compaction, "COMPACT_AFTER_FACTS", state.facts_in_records)
+        recover(fs, root, lease.token)
+    assert [p.name for p in (tmp_path / "out" / CHECKPOINTS).iterdir()] == ["0000000001.parquet"]
+    assert read_state(fs, root).facts_in_records == 0
+    assert state_facts(read_state(fs, root)) == state_facts(state)
+
+
 @pytest.mark.parametrize("point", ["compact.after_checkpoint", "compact.after_records"])
 def test_a_crash_at_each_compaction_step_loses_and_doubles_nothing(tmp_path, monkeypatch, point):
     fs, root = committed_output(tmp_path)
     before = read_state(fs, root)
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1)
     with acquire_lease(fs, root) as lease:
         with crash_at(point), pytest.raises(SimulatedCrash):
             recover(fs, root, lease.token)
@@ -165,7 +181,7 @@ def test_a_crash_at_each_compaction_step_loses_and_doubles_nothing(tmp_path, mon
 
 def test_repair_withdraws_a_broken_part_that_only_the_checkpoint_names(tmp_path, monkeypatch):
     fs, root = committed_output(tmp_path)
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1)
     with acquire_lease(fs, root) as lease:
         recover(fs, root, lease.token)
         victim = sorted((tmp_path / "out" / PARTS).iterdir())[0]
@@ -223,7 +239,7 @@ def test_an_output_of_manifest_version_1_loads_and_is_upgraded_on_its_next_run(t
     record = read_run_record(fs, root)
     assert urls_of(recorded_inputs(fs, root, record).column("url")) == [i["url"] for i in inputs]
 
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1)
     with acquire_lease(fs, root) as lease:
         recover(fs, root, lease.token)
     append_run(fs, root, _Summary())

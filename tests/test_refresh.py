@@ -267,7 +267,7 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     from pipeline.io.run_record import read_run_record
 
     monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1)
     fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
     corpus = first_corpus()
     write(fs, str(tmp_path / "in"), corpus)
@@ -277,7 +277,7 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     with acquire_lease(fs, root) as lease:
         recover(fs, root, lease.token)  # compacts every record so far into one checkpoint
     (checkpoint,) = (tmp_path / "out" / CHECKPOINTS).iterdir()
-    monkeypatch.setattr("pipeline.io.recovery.COMPACT_AFTER_RECORDS", 1000)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1000)
     write(fs, str(tmp_path / "in"), {**refreshed(corpus), "u0.jsonl": make_docs(3, seed=500, prefix="u0-")})
     run(str(tmp_path / "in"), root, tiny_checkpoint)  # generation 2: in records beside the checkpoint
 

@@ -49,8 +49,15 @@ from pipeline.io.sorted_facts import SORTED_BY, is_sorted, sorted_by_url
 
 log = logging.getLogger(__name__)
 
-# Records (commit and read) read from their own files before a run's recovery compacts them.
+# Records (commit and read) read from their own files before a run's recovery compacts them, or the
+# per-shard facts they hold: folded into the sorted checkpoint, those are read a batch at a time.
 COMPACT_AFTER_RECORDS = 64
+COMPACT_AFTER_FACTS = 10_000
+
+
+def worth_compacting(state: OutputState) -> bool:
+    return len(state.records) >= COMPACT_AFTER_RECORDS or state.facts_in_records >= COMPACT_AFTER_FACTS
+
 
 CHECKPOINT_SCHEMA = pa.schema(
     [

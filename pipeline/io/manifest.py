@@ -158,6 +158,8 @@ class OutputState:
     leftovers: list[str] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     """Paths of the commit and read records read from their own files (not from a checkpoint)."""
+    facts_in_records: int = 0
+    """Per-shard facts (a shard's range in a part, a shard read or failed) those records hold."""
     checkpoints: list[str] = field(default_factory=list)
     """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
     vacuuming: set[str] = field(default_factory=set)
@@ -283,9 +285,10 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str, *, shard_facts: bool = 
         lost = any(commit.lease_token < token and commit_files[path] >= taken for token, taken in takeovers)
         (state.fenced if lost else state.commits).append(commit)
         state.records.append(path)
+        state.facts_in_records += len(commit.ranges)
     reads = [p for folder in (READS, SHARDS, FAILED) for p in listing(fs, join(root, folder), ".json")]
     for path, raw in cat_many(fs, reads, missing_ok=True):
-        add_read_record(state, json.loads(raw))
+        state.facts_in_records += add_read_record(state, json.loads(raw))
         state.records.append(path)
     read_checkpoint(fs, root, state, shard_facts=shard_facts)
     if exists_now(fs, join(root, VACUUM)):
@@ -295,8 +298,9 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str, *, shard_facts: bool = 
     return state
 
 
-def add_read_record(state: OutputState, data: dict) -> None:
-    """Add what a read record says; a version read to its end anywhere is no failure any more."""
+def add_read_record(state: OutputState, data: dict) -> int:
+    """Add what a read record says; a version read to its end anywhere is no failure any more.
+    Returns how many shards it names."""
     if "done" not in data and "failed" not in data:  # manifest version 1: one file per shard
         data = {"failed": [data]} if "reason" in data else {"done": [data]}
     done = data.get("done", [])
@@ -309,6 +313,7 @@ def add_read_record(state: OutputState, data: dict) -> None:
         state.done_chunks.append(pa.table(columns, schema=DONE_SCHEMA))
     for failed in data.get("failed", []):
         state.file_failures[failed["url"], failed["fingerprint"]] = FileFailure(**failed)
+    return len(done) + len(data.get("failed", []))
 
 
 def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> str | None:

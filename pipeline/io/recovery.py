@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.compaction import COMPACT_AFTER_RECORDS, compact
+from pipeline.io.compaction import compact, worth_compacting
 from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, VACUUM, exists_now, join, move, remove_many
 from pipeline.io.manifest import CommitRecord, OutputState, read_state
 from pipeline.io.ranges import rows_to_ranges
@@ -48,7 +48,7 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0) -> O
     the writer lease (lease_token) also compacts the records once there are many."""
     state = read_state(fs, root)
     _recover(fs, root, state)
-    if lease_token and len(state.records) >= COMPACT_AFTER_RECORDS:
+    if lease_token and worth_compacting(state):
         compact(fs, root, state, lease_token)
     return state
 
@@ -122,7 +122,7 @@ def repair(fs: fsspec.AbstractFileSystem, root: str, *, chunks: bool, lease_toke
         if reason:
             _quarantine_commit(fs, root, state, commit, reason)
             report.actions.append(f"withdrew part {commit.part} ({commit.rows:,} rows are embedded again): {reason}")
-    if lease_token and (report.actions or len(state.records) >= COMPACT_AFTER_RECORDS):
+    if lease_token and (report.actions or worth_compacting(state)):
         compact(fs, root, state, lease_token)
     return report
 
