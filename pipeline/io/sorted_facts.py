@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 SORTED_BY = {b"neobert.sorted_by": b"url"}
-BATCH_ROWS = 65_536
+BATCH_ROWS = 8_192
 """Rows a source contributes to one step, and the row group size of a sorted file: the memory of a
 step is a few of these, whatever the corpus."""
 
