@@ -111,13 +111,18 @@ def _as_current_schema(table: pa.Table) -> pa.Table:
 
 
 def _read_kinds(parquet: pq.ParquetFile, kinds: tuple[str, ...]) -> pa.Table:
-    """The rows of these kinds, reading only the row groups whose statistics say they may hold them."""
-    tables = [
-        _of_kinds(parquet.read_row_group(g), kinds)
-        for g in range(parquet.num_row_groups)
-        if _may_hold(parquet, g, kinds)
-    ]
+    tables = list(_row_groups_of_kinds(parquet, kinds))
     return pa.concat_tables(tables) if tables else parquet.schema_arrow.empty_table()
+
+
+def _row_groups_of_kinds(
+    parquet: pq.ParquetFile, kinds: tuple[str, ...], columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """The rows of these kinds a row group at a time, reading only the row groups whose statistics
+    say they may hold them."""
+    for group in range(parquet.num_row_groups):
+        if _may_hold(parquet, group, kinds):
+            yield _of_kinds(parquet.read_row_group(group, columns=columns), kinds)
 
 
 def _may_hold(parquet: pq.ParquetFile, group: int, kinds: tuple[str, ...]) -> bool:
@@ -168,11 +173,8 @@ def shard_facts_in_batches(fs: fsspec.AbstractFileSystem, state: OutputState, ki
         return
     schema = DONE_SCHEMA if kind == DONE else RANGES_SCHEMA
     with fs.open(state.checkpoints[-1], "rb") as f:
-        parquet = pq.ParquetFile(f)
-        for group in range(parquet.num_row_groups):
-            if _may_hold(parquet, group, (kind,)):
-                table = _of_kinds(parquet.read_row_group(group, columns=["kind", *schema.names]), (kind,))
-                yield table.select(schema.names).cast(schema)
+        for table in _row_groups_of_kinds(pq.ParquetFile(f), (kind,), ["kind", *schema.names]):
+            yield table.select(schema.names).cast(schema)
 
 
 def checkpoint_table(state: OutputState) -> pa.Table:

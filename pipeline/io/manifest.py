@@ -77,16 +77,10 @@ class CommitRecord:
     def to_json(self, *, with_ranges: bool = True) -> bytes:
         """The record as its own file holds it; with_ranges=False leaves out the ranges (a sorted
         checkpoint holds them as rows of their own)."""
-        record = {
-            "part": self.part,
-            "rows": self.rows,
-            "generation": self.generation,
-            "ranges": dict(self.ranges.items()),
-            "error_counts": self.error_counts,
-            "lease_token": self.lease_token,
-        }
-        if not with_ranges:
-            del record["ranges"]
+        record = {"part": self.part, "rows": self.rows, "generation": self.generation}
+        if with_ranges:  # unpacked into Python lists only when written
+            record["ranges"] = dict(self.ranges.items())
+        record |= {"error_counts": self.error_counts, "lease_token": self.lease_token}
         return json.dumps(record).encode()
 
     @classmethod
