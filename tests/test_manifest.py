@@ -5,8 +5,10 @@ manifest version 1 still load and are upgraded."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs
 
@@ -92,12 +94,13 @@ def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_r
     assert len(progress.calls) == len(shards)
 
 
-def committed_output(tmp_path, parts: int = 6):
-    """An output with `parts` committed parts (one shard each) and a read record per shard."""
+def committed_output(tmp_path, parts: int = 6, first: int = 0):
+    """An output with `parts` committed parts (one shard each) and a read record per shard (from part
+    `first` on: the others are there already)."""
     out = str(tmp_path / "out")
     fs, root = filesystem_for(out, STORAGE)
     sink = CommittedParquetSink(out, STORAGE, generation=0, rows_per_part=10)
-    for i in range(parts):
+    for i in range(first, parts):
         url = f"file:///in/{i}.jsonl"
         table = pa.table(
             {
@@ -177,6 +180,60 @@ def test_a_crash_at_each_compaction_step_loses_and_doubles_nothing(tmp_path, mon
     assert not list((tmp_path / "out" / COMMITS).iterdir())
     assert len(list((tmp_path / "out" / CHECKPOINTS).iterdir())) == 1
     assert state_facts(read_state(fs, root)) == state_facts(before)
+
+
+def test_a_compaction_that_leaves_the_checkpoints_facts_in_its_file_writes_what_a_whole_one_writes(
+    tmp_path, monkeypatch
+):
+    """Recovery at a run's start reads the state without the checkpoint's per-shard facts, and its
+    compaction merges them with the records' a few URLs at a time (BATCH_ROWS=2): the checkpoint it
+    writes is the one a compaction of the whole state writes. Also with the last compaction's records
+    still there (it stopped before deleting them), and with failed reads: one of a version the
+    checkpoint says was read to its end (history), one of a version no read finished."""
+    from pipeline.io import sorted_facts
+    from pipeline.io.readers import FileProblem
+
+    monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
+    monkeypatch.setattr(compaction, "COMPACT_AFTER_RECORDS", 1)
+    fs, root = committed_output(tmp_path)
+    with acquire_lease(fs, root) as lease:
+        with crash_at("compact.after_checkpoint"), pytest.raises(SimulatedCrash):
+            recover(fs, root, lease.token)  # checkpoint 1 written; no record deleted yet
+    for record in (tmp_path / "out" / READS).iterdir():
+        record.unlink()  # the read records deleted, the commit records not yet: both in the checkpoint
+    committed_output(tmp_path, parts=9, first=6)  # three new parts beside them
+    failures = ShardOutcomes(root, STORAGE, ProgressCalls()).recorder()
+    for url, fingerprint in (("file:///in/0.jsonl", "size=0"), ("file:///in/z.jsonl", "size=9")):
+        shard = type("S", (), {"url": url, "fingerprint": fingerprint, "size_bytes": 1})()
+        failures.failed(shard, 2, FileProblem("unreadable_file", "broken"))
+    failures.close()
+    shutil.copytree(tmp_path / "out", tmp_path / "whole" / "out")
+    whole_fs, whole_root = filesystem_for(str(tmp_path / "whole" / "out"), STORAGE)
+
+    for folder, facts_in_file in ((whole_root, False), (root, True)):
+        with acquire_lease(fs, folder) as lease:
+            state = recover(fs, folder, lease.token, shard_facts=not facts_in_file)
+            assert state.facts_in_checkpoint is facts_in_file
+    streamed, whole = (sorted((f / CHECKPOINTS).iterdir()) for f in (tmp_path / "out", tmp_path / "whole" / "out"))
+    assert [p.name for p in streamed] == [p.name for p in whole] == ["0000000002.parquet"]
+    assert pq.read_table(streamed[0]).equals(pq.read_table(whole[0]))
+    state = read_state(fs, root)
+    assert len(state.commits) == 9 and state.committed_rows == 36
+    assert list(state.file_failures) == [("file:///in/z.jsonl", "size=9")]
+    assert state.error_counts() == {"empty_text": 9, "file:unreadable_file": 1}
+    parquet = pq.ParquetFile(streamed[0])
+    groups = [parquet.read_row_group(g, columns=["kind"]).column("kind") for g in range(parquet.num_row_groups)]
+    assert [g.to_pylist() for g in groups] == [
+        *[["done"] * 2] * 4,
+        ["done"],
+        *[["range"] * 2] * 4,
+        ["range"],
+        *[["commit"] * 2] * 4,
+        ["commit", "failed"],
+    ], "row groups of BATCH_ROWS rows, each of one kind of shard fact"
+    for kind in ("done", "range"):
+        urls = pq.read_table(streamed[0], filters=[("kind", "=", kind)]).column("url").to_pylist()
+        assert urls == sorted(urls) and len(urls) == 9
 
 
 def test_repair_withdraws_a_broken_part_that_only_the_checkpoint_names(tmp_path, monkeypatch):

@@ -37,15 +37,14 @@ from pipeline.io.layout import (
     join,
     listing,
     name_of,
-    parquet_bytes,
     remove_many,
     url_column,
     urls_of,
 )
 from pipeline.io.lease import check_lease
-from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges
+from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges, unique_done
 from pipeline.io.manifest import CommitRecord, FileFailure, OutputState
-from pipeline.io.sorted_facts import SORTED_BY, is_sorted, sorted_by_url
+from pipeline.io.sorted_facts import SORTED_BY, in_step, is_sorted, sorted_by_url
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +138,7 @@ def _of_kinds(table: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
 
 def _merge(state: OutputState, table: pa.Table, *, facts_as_rows: bool) -> None:
     kind = table.column("kind")
-    named = {c.part for c in state.commits} | {c.part for c in state.fenced}
+    named = state.record_parts
     ranges_by_part = _ranges_by_part(table.filter(pc.equal(kind, RANGE))) if facts_as_rows else {}
     for raw in table.filter(pc.equal(kind, COMMIT)).column("commit").to_pylist():
         commit = CommitRecord.from_json(raw)
@@ -169,39 +168,103 @@ def _ranges_by_part(ranges: pa.Table) -> dict[str, PackedRanges]:
 def shard_facts_in_batches(fs: fsspec.AbstractFileSystem, state: OutputState, kind: str) -> Iterator[pa.Table]:
     """The done shards (DONE_SCHEMA) or committed ranges (RANGES_SCHEMA) that read_checkpoint left in a
     sorted checkpoint (shard_facts=False), in URL order, a row group at a time; nothing otherwise."""
+    schema = DONE_SCHEMA if kind == DONE else RANGES_SCHEMA
+    for table in _checkpointed_facts(fs, state, kind):
+        yield table.select(schema.names)
+
+
+RANGES_OF_PARTS = RANGES_SCHEMA.append(pa.field("part", pa.string()))
+
+
+def _checkpointed_facts(fs: fsspec.AbstractFileSystem, state: OutputState, kind: str) -> Iterator[pa.Table]:
+    """shard_facts_in_batches, ranges with their part (RANGES_OF_PARTS), of the commits the state holds
+    from the checkpoint only: a commit repair withdrew has none, and one a record holds too has the
+    record's."""
     if not state.facts_in_checkpoint:
         return
-    schema = DONE_SCHEMA if kind == DONE else RANGES_SCHEMA
+    schema = DONE_SCHEMA if kind == DONE else RANGES_OF_PARTS
+    kept = pa.array(sorted({c.part for c in state.commits} - state.record_parts), pa.string())
     with fs.open(state.checkpoints[-1], "rb") as f:
         for table in _row_groups_of_kinds(pq.ParquetFile(f), (kind,), ["kind", *schema.names]):
+            if kind == RANGE:
+                table = table.filter(pc.is_in(table.column("part"), value_set=kept))
             yield table.select(schema.names).cast(schema)
 
 
-def checkpoint_table(state: OutputState) -> pa.Table:
-    """Everything the state says is committed or read, one row per fact: commits and failures first,
-    then the done shards and the ranges, each sorted by URL."""
-    failed = state.failures_not_read_to_end()
-    n_commits = len(state.commits)
-    commits_and_failures = {
-        "kind": [COMMIT] * n_commits + [FAILED_READ] * len(failed),
-        "url": url_column([None] * n_commits + [f.url for f in failed]),
-        "fingerprint": [None] * n_commits + [f.fingerprint for f in failed],
-        "rows": [c.rows for c in state.commits] + [f.rows_read for f in failed],
-        "reason": [None] * n_commits + [f.reason for f in failed],
-        "message": [None] * n_commits + [f.message for f in failed],
-        "commit": [c.to_json(with_ranges=False) for c in state.commits] + [None] * len(failed),
-    }
-    done = sorted_by_url(state.done)  # already columns: copied as they are, not a Python object per shard
-    ranges = [(c.part, c.ranges_table()) for c in state.commits]
-    ranges = [t.append_column("part", pa.repeat(pa.scalar(part), t.num_rows)) for part, t in ranges]
-    ranges = sorted_by_url(pa.concat_tables(ranges)) if ranges else None
-    tables = [
-        _fill(pa.table(commits_and_failures), n_commits + len(failed)),
-        _fill(done.append_column("kind", pa.repeat(DONE, done.num_rows)), done.num_rows),
-    ]
-    if ranges is not None:
-        tables.append(_fill(ranges.append_column("kind", pa.repeat(RANGE, ranges.num_rows)), ranges.num_rows))
-    return pa.concat_tables(tables).replace_schema_metadata(SORTED_BY)
+def _recorded_ranges(state: OutputState) -> pa.Table:
+    """The ranges of the commits the state holds in memory (RANGES_OF_PARTS), sorted by URL."""
+    tables = []
+    for commit in state.commits:
+        ranges = commit.ranges_table()
+        tables.append(ranges.append_column("part", pa.repeat(pa.scalar(commit.part), ranges.num_rows)))
+    return sorted_by_url(pa.concat_tables(tables).cast(RANGES_OF_PARTS)) if tables else RANGES_OF_PARTS.empty_table()
+
+
+def write_checkpoint(fs: fsspec.AbstractFileSystem, state: OutputState, sink) -> None:
+    """Everything the state says is committed or read, one row per fact, as a sorted checkpoint into
+    sink (a file object): the done shards, then the ranges, each sorted by URL, then the commits and
+    the failures. Facts still in the last checkpoint (read_state(shard_facts=False)) are merged with
+    the records' a batch of URLs at a time, so memory holds the records and a batch, not the corpus."""
+    failed_urls = url_column(sorted({url for url, _ in state.file_failures}))
+    read_since_failing: set[tuple[str, str]] = set()
+    with _RowGroups(sink) as out:
+        sources = [_checkpointed_facts(fs, state, DONE), [sorted_by_url(state.done)]]
+        for step in in_step(sources, [DONE_SCHEMA.empty_table()] * 2):
+            done = sorted_by_url(unique_done(step))
+            out.write(done.append_column("kind", pa.repeat(DONE, done.num_rows)))
+            if len(failed_urls):
+                again = done.filter(pc.is_in(done.column("url"), value_set=failed_urls))
+                keys = zip(urls_of(again.column("url")), again.column("fingerprint").to_pylist(), strict=True)
+                read_since_failing |= set(keys)
+        out.end_group()
+        sources = [_checkpointed_facts(fs, state, RANGE), [_recorded_ranges(state)]]
+        for step in in_step(sources, [RANGES_OF_PARTS.empty_table()] * 2):
+            ranges = sorted_by_url(pa.concat_tables(step))
+            out.write(ranges.append_column("kind", pa.repeat(RANGE, ranges.num_rows)))
+        out.end_group()
+        failed = [f for key, f in sorted(state.file_failures.items()) if key not in read_since_failing]
+        out.write(
+            pa.table(
+                {
+                    "kind": [COMMIT] * len(state.commits) + [FAILED_READ] * len(failed),
+                    "url": url_column([None] * len(state.commits) + [f.url for f in failed]),
+                    "fingerprint": [None] * len(state.commits) + [f.fingerprint for f in failed],
+                    "rows": [c.rows for c in state.commits] + [f.rows_read for f in failed],
+                    "reason": [None] * len(state.commits) + [f.reason for f in failed],
+                    "message": [None] * len(state.commits) + [f.message for f in failed],
+                    "commit": [c.to_json(with_ranges=False) for c in state.commits] + [None] * len(failed),
+                }
+            )
+        )
+
+
+class _RowGroups:
+    """Rows written to a sorted checkpoint in row groups of sorted_facts.BATCH_ROWS, whatever the sizes
+    of the tables they come in; end_group() ends one early, so that a group holds one kind of fact."""
+
+    def __init__(self, sink) -> None:
+        self.writer = pq.ParquetWriter(sink, CHECKPOINT_SCHEMA.with_metadata(SORTED_BY), compression="zstd")
+        self.pending: list[pa.Table] = []
+
+    def __enter__(self) -> _RowGroups:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end_group()
+        self.writer.close()
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(_fill(table, table.num_rows))
+        while sum(t.num_rows for t in self.pending) >= sorted_facts.BATCH_ROWS:
+            rows = pa.concat_tables(self.pending)
+            self.writer.write_table(rows.slice(0, sorted_facts.BATCH_ROWS))
+            self.pending = [rows.slice(sorted_facts.BATCH_ROWS)]
+
+    def end_group(self) -> None:
+        rows = pa.concat_tables(self.pending) if self.pending else None
+        if rows is not None and rows.num_rows:
+            self.writer.write_table(rows)
+        self.pending = []
 
 
 def _fill(table: pa.Table, n: int) -> pa.Table:
@@ -213,16 +276,22 @@ def _fill(table: pa.Table, n: int) -> pa.Table:
     return pa.table(columns, schema=CHECKPOINT_SCHEMA)
 
 
-def compact(fs: fsspec.AbstractFileSystem, root: str, state: OutputState, lease_token: int) -> bool:
+def compact(
+    fs: fsspec.AbstractFileSystem, root: str, state: OutputState, lease_token: int, *, running: bool = False
+) -> bool:
     """Write the state as the next checkpoint and delete what it replaces; only by the lease holder
-    (lease_token), on a state that recovery has brought in line. False if another compaction won."""
-    if state.fenced or state.staged or state.leftovers:
+    (lease_token), on a state that recovery has brought in line, or (running) one its own running
+    job is writing: its staged files are parts in flight, which no checkpoint names. False if another
+    compaction won."""
+    if state.fenced or (not running and (state.staged or state.leftovers)):
         raise ValueError("compact() needs a recovered state")
     check_lease(fs, root, lease_token)
     last = int(name_of(state.checkpoints[-1]).split(".")[0]) if state.checkpoints else 0
     path = join(root, CHECKPOINTS, f"{last + 1:010d}.parquet")
     try:
-        create_exclusive(fs, path, parquet_bytes(checkpoint_table(state), sorted_facts.BATCH_ROWS))
+        sink = pa.BufferOutputStream()  # compressed: some bytes per shard
+        write_checkpoint(fs, state, sink)
+        create_exclusive(fs, path, sink.getvalue().to_pybytes())
     except FileExistsError:
         log.warning("another compaction of %s wrote %s first; leaving the records as they are", root, path)
         return False

@@ -152,6 +152,9 @@ class OutputState:
     leftovers: list[str] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
     """Paths of the commit and read records read from their own files (not from a checkpoint)."""
+    record_parts: set[str] = field(default_factory=set)
+    """Parts whose commit record was read from its own file: where a checkpoint holds one too (a
+    compaction stopped before deleting the record), the record's is the one that counts."""
     facts_in_records: int = 0
     """Per-shard facts (a shard's range in a part, a shard read or failed) those records hold."""
     checkpoints: list[str] = field(default_factory=list)
@@ -278,6 +281,7 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str, *, shard_facts: bool = 
         # A lower token's commit made once a later token had taken the lease over: a lost writer's.
         lost = any(commit.lease_token < token and commit_files[path] >= taken for token, taken in takeovers)
         (state.fenced if lost else state.commits).append(commit)
+        state.record_parts.add(commit.part)
         state.records.append(path)
         state.facts_in_records += len(commit.ranges)
     reads = [p for folder in (READS, SHARDS, FAILED) for p in listing(fs, join(root, folder), ".json")]
@@ -312,7 +316,7 @@ def add_read_record(state: OutputState, data: dict) -> int:
 
 def dead_letter_example(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> str | None:
     """'<reason>: <message> (<shard> row <row>)' for one dead letter of the commonest reason, or None."""
-    counts = {reason: n for reason, n in state.error_counts().items() if not reason.startswith("file:")}
+    counts = state.error_counts(failed=[])  # rows only: no failed file is asked for
     if not counts:
         return None
     reason = max(counts, key=counts.get)

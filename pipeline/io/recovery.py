@@ -23,8 +23,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io import compaction
 from pipeline.io.compaction import compact, worth_compacting
-from pipeline.io.layout import COMMITS, ERRORS, PARTS, QUARANTINE, STAGING, VACUUM, exists_now, join, move, remove_many
+from pipeline.io.layout import (
+    COMMITS,
+    ERRORS,
+    PARTS,
+    QUARANTINE,
+    READS,
+    STAGING,
+    VACUUM,
+    exists_now,
+    join,
+    listing,
+    move,
+    remove_many,
+)
 from pipeline.io.manifest import CommitRecord, OutputState, read_state
 from pipeline.io.ranges import rows_to_ranges
 
@@ -43,14 +57,27 @@ class RepairReport:
     state: OutputState = field(default_factory=OutputState)
 
 
-def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0) -> OutputState:
+def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, shard_facts: bool = True) -> OutputState:
     """Finish what a crashed run left; set aside what no commit record may stand for. The holder of
-    the writer lease (lease_token) also compacts the records once there are many."""
-    state = read_state(fs, root)
+    the writer lease (lease_token) also compacts the records once there are many. shard_facts=False:
+    the state leaves the checkpoint's per-shard facts in its file (read_state)."""
+    state = read_state(fs, root, shard_facts=shard_facts)
     _recover(fs, root, state)
     if lease_token and worth_compacting(state):
         compact(fs, root, state, lease_token)
     return state
+
+
+def compact_while_running(fs: fsspec.AbstractFileSystem, root: str, lease_token: int) -> bool:
+    """Fold the records a running job (the lease holder) has written so far into a checkpoint, once
+    there are COMPACT_AFTER_RECORDS of them: so that `status` and the next run's start read a batch
+    at a time what a long run committed, not every record whole. Records of a writer that lost the
+    lease are left to recovery. True if it compacted."""
+    records = sum(len(listing(fs, join(root, folder), ".json")) for folder in (COMMITS, READS))
+    if records < compaction.COMPACT_AFTER_RECORDS:  # a listing, not a read of every record, to find out
+        return False
+    state = read_state(fs, root, shard_facts=False)
+    return not state.fenced and compact(fs, root, state, lease_token, running=True)
 
 
 def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> list[str]:
