@@ -14,22 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.config import JobConfig
 from pipeline.duplicate_ids import rows_to_reject
-from pipeline.io.generations import (
-    Changes,
-    add_generation,
-    changes_since,
-    recorded_inputs,
-    unfinished_work,
-)
+from pipeline.io.generations import Changes, add_generation, plan_run, shard_counts
 from pipeline.io.lease import writer_lease
-from pipeline.io.ledger import INPUT_COLUMNS, current_versions
 from pipeline.io.manifest import dead_letter_example
 from pipeline.io.ranges import Range, count_rows
 from pipeline.io.recovery import recover
@@ -40,7 +32,7 @@ from pipeline.io.run_record import (
     open_run_record,
     remove_output,
 )
-from pipeline.io.shards import Shard, discover_shards
+from pipeline.io.shards import Shard, ShardListing, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
 from pipeline.model.cpu_allocator import GLIBC_TUNABLES
@@ -78,7 +70,7 @@ class _Plan:
     config: JobConfig
     facts: CheckpointFacts
     tokenizer_json: str
-    shards: list[Shard]
+    shards: ShardListing
     todo: list[Shard]
     committed: dict[str, list[Range]]
     generation: int
@@ -107,10 +99,11 @@ def run_embedding_job(
             remove_output(out_fs, out_root)
         tokenizer_json = tokenizer.to_json()
         settings = embedding_settings(config, facts, tokenizer_json)
-        record, state = open_run_record(out_fs, out_root, settings, recover(out_fs, out_root, lease_token))
-        inputs = recorded_inputs(out_fs, out_root, record, INPUT_COLUMNS)
-        current = current_versions(inputs)
-        changes = _changes_to_record(config, current, shards, latest=len(record["generations"]) - 1)
+        record, state = open_run_record(
+            out_fs, out_root, settings, recover(out_fs, out_root, lease_token, shard_facts=False)
+        )
+        planned = plan_run(out_fs, out_root, record, state, shards)
+        changes = _changes_to_record(config, planned.changes, latest=len(record["generations"]) - 1)
         summary_of = partial(
             summarize,
             output=config.output,
@@ -121,15 +114,12 @@ def run_embedding_job(
             max_error_rate=config.max_error_rate,
         )
         # Generations a crashed run left unfinished first, oldest first; then what changed.
-        work = unfinished_work(state, current, shards)
+        work = dict(planned.unfinished)
         if changes:
-            generation, entries = add_generation(
-                out_fs, out_root, record, config.input, changes, refresh=config.refresh
-            )
+            generation, _ = add_generation(out_fs, out_root, record, config.input, changes, refresh=config.refresh)
             log.info("generation %d: %s", generation, _described(changes))
             if changes.added or changes.changed:  # deletions alone need no model work
                 work[generation] = changes.added + changes.changed
-            current = current_versions(pa.concat_tables([inputs, entries.select(INPUT_COLUMNS)]))
         counters, progress_offset_s = None, 0.0
         for generation, todo in work.items():
             log.info(
@@ -146,19 +136,20 @@ def run_embedding_job(
                 tokenizer_json,
                 shards,
                 todo,
-                state.committed_ranges(generation, [s.url for s in todo]),  # only what is left to do
+                planned.committed.get(generation, {}),  # of the shards left to do
                 generation,
                 sample.rows_per_byte,
                 lease_token,
             )
             ran, offset_s = _run_graph(plan, on_progress, started)
             counters, progress_offset_s = merge_counters(counters, ran), progress_offset_s or offset_s
-            state = recover(out_fs, out_root, lease_token)
+            state = recover(out_fs, out_root, lease_token, shard_facts=False)
         if not work:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        state.current = current
+        _, failed = shard_counts(out_fs, out_root, record, state)  # of the current versions, a batch at a time
         summary = summary_of(
             state=state,
+            failed=failed,
             counters=counters,
             progress_offset_s=progress_offset_s,
             generation=len(record["generations"]) - 1,
@@ -168,10 +159,9 @@ def run_embedding_job(
     return checked(summary, dead_letter_example(out_fs, out_root, state))
 
 
-def _changes_to_record(config: JobConfig, current: pa.Table, shards: list[Shard], latest: int) -> Changes:
-    """The new generation this run adds: new shards always; changed and deleted ones with --refresh
-    (without it a changed shard is refused, and a vanished one only noted)."""
-    changes = changes_since(current, shards)
+def _changes_to_record(config: JobConfig, changes: Changes, latest: int) -> Changes:
+    """The new generation this run adds, of the listing's changes: new shards always; changed and
+    deleted ones with --refresh (without it a changed shard is refused, and a vanished one only noted)."""
     if config.refresh:
         if not changes:
             log.info("nothing changed since generation %d: no model work", latest)

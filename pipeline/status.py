@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pyarrow.compute as pc
-
 from pipeline.config import StorageConfig
-from pipeline.io.generations import ADDED, CHANGED, DELETED, generation_rows, ledger_in_batches
-from pipeline.io.layout import url_column, urls_of
+from pipeline.io.generations import ADDED, CHANGED, DELETED, generation_rows, shard_counts
 from pipeline.io.lease import read_lease
-from pipeline.io.manifest import FileFailure, OutputState, read_state
+from pipeline.io.manifest import read_state
 from pipeline.io.run_record import read_run_record
 from pipeline.io.storage import filesystem_for
 
@@ -26,7 +23,7 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
     for attempt in range(3):
         state = read_state(fs, root, shard_facts=False)
         try:
-            counts, failed = _shard_counts(fs, root, record, state)
+            counts, failed = shard_counts(fs, root, record, state)
             break
         except FileNotFoundError:  # a run's compaction replaced the checkpoint while it was read: again
             if attempt == 2:
@@ -75,26 +72,6 @@ def output_status(output_url: str, storage: StorageConfig | None = None) -> dict
         "writer": writer,
         "unfinished_run": unfinished,
     }
-
-
-def _shard_counts(fs, root: str, record: dict, state: OutputState) -> tuple[dict[str, int], list[FileFailure]]:
-    """Current shards, how many are complete and read to their end, and their rows, counted a batch of
-    URLs at a time (generations.ledger_in_batches): memory does not grow with the corpus. And the
-    failed reads of current versions that no read finished (OutputState.failed_part_way)."""
-    counts = dict.fromkeys(("shards", "complete", "read", "rows_read"), 0)
-    failed_urls = url_column(sorted({url for url, _ in state.file_failures}))
-    unfinished: set[tuple[str, str]] = set()
-    for shards in ledger_in_batches(fs, root, record, state):
-        read_rows = shards.column("rows")
-        counts["shards"] += shards.num_rows
-        counts["complete"] += pc.sum(shards.column("complete")).as_py() or 0
-        counts["read"] += read_rows.length() - read_rows.null_count
-        counts["rows_read"] += pc.sum(read_rows).as_py() or 0
-        if len(failed_urls):
-            mine = shards.filter(pc.is_in(shards.column("url"), value_set=failed_urls))
-            mine = mine.filter(pc.is_null(mine.column("rows")))
-            unfinished |= set(zip(urls_of(mine.column("url")), mine.column("fingerprint").to_pylist(), strict=True))
-    return counts, [f for key, f in sorted(state.file_failures.items()) if key in unfinished]
 
 
 def _added_v1(generation: dict) -> int:

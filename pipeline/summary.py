@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE
 from pipeline.errors import IncompleteRunError
-from pipeline.io.manifest import OutputState
+from pipeline.io.manifest import FileFailure, OutputState
 
 # Rows dead-lettered because a setting asked for it (--duplicate-ids reject), not because they were bad:
 # they do not count against --max-error-rate.
@@ -97,6 +97,7 @@ def summarize(
     output: str,
     shards: int,
     state: OutputState,
+    failed: list[FileFailure],
     started: float,
     counters: dict | None,
     rows_before: int = 0,
@@ -135,8 +136,8 @@ def summarize(
         output=output,
         embed_nodes=counters.get("embed_nodes", []),
         already_complete=not counters,
-        error_counts=state.error_counts(),
-        failed_files=[f.url for f in state.failed_part_way()],
+        error_counts=state.error_counts(failed),
+        failed_files=[f.url for f in failed],
         startup_s=startup_s,
         steady_tokens_per_s=steady,
         chunk_rows=counters.get("sequences", 0) if chunks else None,

@@ -8,6 +8,7 @@ import signal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from cli_process import RUN_TIMEOUT_S, embed_process
 from corpus import jsonl_bytes, make_docs
@@ -259,12 +260,13 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
 
     from pipeline.io import generations, sorted_facts
     from pipeline.io.compaction import CHECKPOINT_SCHEMA
-    from pipeline.io.layout import CHECKPOINTS, COMMITS, READS, parquet_bytes
+    from pipeline.io.layout import CHECKPOINTS, COMMITS, READS, parquet_bytes, urls_of
     from pipeline.io.lease import acquire_lease
     from pipeline.io.ledger import INPUT_COLUMNS, current_versions
     from pipeline.io.manifest import read_state
     from pipeline.io.recovery import recover
     from pipeline.io.run_record import read_run_record
+    from pipeline.io.shards import discover_shards
 
     monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
     monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 1)
@@ -301,6 +303,10 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     assert {k: status[k] for k in whole()} == whole()
     assert status["shards"] == status["shards_complete"] == 10 and status["rows_in_shards_read"] == 12 * 7 + 7 + 5 + 3
     assert len(steps) >= 5, "read a few URLs at a time"
+    unfinished = tmp_path / "unfinished"  # as if generation 2's read task had died after its commit
+    shutil.copytree(tmp_path / "out", unfinished)
+    for record in (unfinished / READS).iterdir():
+        record.unlink()
 
     # The same checkpoint as written before: no range rows, each commit's ranges in its record, unsorted.
     state = read_state(fs, root)
@@ -327,3 +333,43 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     checkpoint.write_bytes(parquet_bytes(old))
     assert read_state(fs, root).committed_ranges() == state.committed_ranges()
     assert {k: output_status(root)[k] for k in whole()} == {k: status[k] for k in whole()}
+
+    # A job's plan, from the same facts read the same way, against a listing that adds, rewrites and
+    # drops shards: what the state read whole decides, also with a shard committed but not read to its end.
+    def planned(folder: str, listed: list) -> generations.RunPlan:
+        state, record = read_state(fs, folder, shard_facts=False), read_run_record(fs, folder)
+        plan = generations.plan_run(fs, folder, record, state, listed)
+        whole = read_state(fs, folder)
+        current = current_versions(generations.recorded_inputs(fs, folder, record, INPUT_COLUMNS))
+        assert plan.changes == generations.changes_since(current, listed)
+        shards = generations.shard_ledger(whole, current).filter(pc.invert(pc.field("complete")))
+        versions = shards.select(["fingerprint", "generation"]).to_pylist()
+        todo = dict(zip(urls_of(shards.column("url")), versions, strict=True))
+        want: dict[int, list] = {}
+        for shard in listed:
+            if todo.get(shard.url, {}).get("fingerprint") == shard.fingerprint:
+                want.setdefault(todo[shard.url]["generation"], []).append(shard)
+        assert plan.unfinished == dict(sorted(want.items()))
+        committed = {g: whole.committed_ranges(g, [s.url for s in shards]) for g, shards in want.items()}
+        assert plan.committed == {g: ranges for g, ranges in committed.items() if ranges}
+        return plan
+
+    changed = {**refreshed(corpus), "u0.jsonl": make_docs(3, seed=500, prefix="u0-")}
+    changed["v0.jsonl"] = make_docs(2, seed=600, prefix="v0-")
+    changed["s3.jsonl"] = make_docs(4, seed=601, prefix="s3-")
+    del changed["s4.jsonl"]
+    write(fs, str(tmp_path / "in"), changed)
+    listed = discover_shards(fs, str(tmp_path / "in"))
+    plan = planned(str(unfinished), listed)
+
+    def names(shards: list) -> list[str]:
+        return [getattr(s, "url", s).rsplit("/", 1)[-1] for s in shards]
+
+    assert [names(plan.changes.added), names(plan.changes.changed), names(plan.changes.deleted)] == [
+        ["v0.jsonl"],
+        ["s3.jsonl"],
+        ["s4.jsonl"],
+    ]
+    assert {g: names(shards) for g, shards in plan.unfinished.items()} == {2: ["u0.jsonl"]}
+    assert list(plan.committed) == [2] and list(plan.committed[2].values()) == [[(0, 3)]]
+    assert not planned(root, listed).unfinished  # the old-format checkpoint: everything read to its end

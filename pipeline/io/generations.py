@@ -32,14 +32,16 @@ from pipeline.io.ledger import (
     DONE_SCHEMA,
     INPUT_COLUMNS,
     RANGES_SCHEMA,
+    among,
     committed,
     current_versions,
     ledger,
     positions,
     unique_done,
 )
-from pipeline.io.manifest import OutputState
-from pipeline.io.shards import Shard
+from pipeline.io.manifest import FileFailure, OutputState
+from pipeline.io.ranges import Range, merge_ranges
+from pipeline.io.shards import Shard, ShardListing
 from pipeline.io.sorted_facts import file_batches, in_step, sorted_by_url
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,15 @@ def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, st
     """shard_ledger of the current versions, a batch of URLs at a time (sorted_facts.in_step): every
     generation's entries, done shards and committed ranges, read in URL order from _inputs/ and the
     checkpoint (state read with shard_facts=False) together with the records' facts in state."""
+    for shards, _, _ in _ledger_steps(fs, root, record, state):
+        yield shards
+
+
+def _ledger_steps(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState, more: tuple[pa.Table, ...] = ()
+) -> Iterator[tuple[pa.Table, pa.Table, list[pa.Table]]]:
+    """ledger_in_batches, step by step with that step's committed ranges (RANGES_SCHEMA) and its rows
+    of each table in more (tables sorted by url)."""
     inputs_schema = pa.schema([INPUTS_SCHEMA.field(c) for c in INPUT_COLUMNS])
     generations = []
     for generation in record["generations"]:
@@ -109,34 +120,108 @@ def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, st
         [sorted_by_url(state.done)],
         shard_facts_in_batches(fs, state, RANGE),
         [sorted_by_url(state.ranges())],
+        *([table] for table in more),
     ]
     empty = [inputs_schema.empty_table()] * len(generations) + [DONE_SCHEMA.empty_table()] * 2
-    empty += [RANGES_SCHEMA.empty_table()] * 2
+    empty += [RANGES_SCHEMA.empty_table()] * 2 + [table.schema.empty_table() for table in more]
+    n = len(generations)
     for step in in_step(sources, empty):
-        *entries, checkpoint_done, records_done, checkpoint_ranges, records_ranges = step
-        versions = current_versions(pa.concat_tables(entries))  # generation order, as current_versions needs
+        entries, (checkpoint_done, records_done, checkpoint_ranges, records_ranges) = step[:n], step[n : n + 4]
+        versions = current_versions(pa.concat_tables([inputs_schema.empty_table(), *entries]))  # generation order
         ranges = pa.concat_tables([checkpoint_ranges, records_ranges])
-        yield ledger(versions, unique_done([checkpoint_done, records_done]), committed(ranges))
+        yield ledger(versions, unique_done([checkpoint_done, records_done]), committed(ranges)), ranges, step[n + 4 :]
 
 
-def unfinished_work(state: OutputState, versions: pa.Table, listed: list[Shard]) -> dict[int, list[Shard]]:
+def shard_counts(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState
+) -> tuple[dict[str, int], list[FileFailure]]:
+    """Current shards, how many are complete and read to their end, and their rows, counted a batch of
+    URLs at a time (ledger_in_batches): memory does not grow with the corpus. And the failed reads of
+    current versions that no read finished (OutputState.failed_part_way, without reading every done
+    shard at once)."""
+    counts = dict.fromkeys(("shards", "complete", "read", "rows_read"), 0)
+    failed_urls = url_column(sorted({url for url, _ in state.file_failures}))
+    unfinished: set[tuple[str, str]] = set()
+    for shards in ledger_in_batches(fs, root, record, state):
+        read_rows = shards.column("rows")
+        counts["shards"] += shards.num_rows
+        counts["complete"] += pc.sum(shards.column("complete")).as_py() or 0
+        counts["read"] += read_rows.length() - read_rows.null_count
+        counts["rows_read"] += pc.sum(read_rows).as_py() or 0
+        if len(failed_urls):
+            mine = shards.filter(pc.is_in(shards.column("url"), value_set=failed_urls))
+            mine = mine.filter(pc.is_null(mine.column("rows")))
+            unfinished |= set(zip(urls_of(mine.column("url")), mine.column("fingerprint").to_pylist(), strict=True))
+    return counts, [f for key, f in sorted(state.file_failures.items()) if key in unfinished]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run has to do: the listing against what the output holds."""
+
+    changes: Changes
+    """What the listing adds to, changes in and removes from the current input."""
+    unfinished: dict[int, list[Shard]]
     """Generation -> its current shards not yet complete, where the listing still shows that version
-    (one that changed or vanished since is left to the next generation). versions: the current ones."""
-    todo = shard_ledger(state, versions).filter(pc.invert(pc.field("complete")))
-    # Only the shards left to do come back to Python: none on a finished re-run.
-    wanted = dict(
-        zip(
-            urls_of(todo.column("url")),
-            zip(todo.column("generation").to_pylist(), todo.column("fingerprint").to_pylist(), strict=True),
-            strict=True,
-        )
+    (one that changed or vanished since is left to the next generation); oldest generation first."""
+    committed: dict[int, dict[str, list[Range]]]
+    """Of those shards: generation -> URL -> the row ranges already committed."""
+
+
+def plan_run(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState, listed: ShardListing
+) -> RunPlan:
+    """The listing against the current versions and what the output holds of them, a batch of URLs at
+    a time (_ledger_steps): only the shards to do come back as Python objects, none on a finished
+    re-run. state: read with shard_facts=False, or whole."""
+    listing = listed.table.select(["url", "fingerprint"])
+    listing = listing.append_column("index", pa.array(np.arange(len(listed), dtype=np.int64)))
+    added, changed, deleted, todo, ranges = [], [], [], [], []
+    for shards, step_ranges, (here,) in _ledger_steps(fs, root, record, state, (listing,)):
+        at = positions(here.column("url"), shards.column("url"))
+        known = at >= 0
+        index = here.column("index").to_numpy()
+        same = np.zeros(len(at), dtype=bool)  # listed with the fingerprint of its current version
+        theirs = shards.column("fingerprint").take(pa.array(at[known]))
+        listed_prints = here.column("fingerprint").filter(pa.array(known))
+        same[known] = pc.equal(listed_prints, theirs).to_numpy(zero_copy_only=False)
+        added.append(index[~known])
+        changed.append(index[known & ~same])
+        still_listed = np.zeros(shards.num_rows, dtype=bool)
+        still_listed[at[known]] = True
+        deleted.extend(urls_of(shards.column("url").filter(pa.array(~still_listed))))
+        incomplete = ~shards.column("complete").to_numpy(zero_copy_only=False)
+        to_do = same.copy()
+        to_do[same] = incomplete[at[same]]
+        versions = shards.take(pa.array(at[to_do]))
+        todo.append(np.stack([index[to_do], versions.column("generation").to_numpy().astype(np.int64)]))
+        ranges.append(step_ranges.filter(pa.array(among(step_ranges, versions))))
+    todo_table = np.concatenate(todo, axis=1) if todo else np.zeros((2, 0), np.int64)
+    return RunPlan(
+        Changes(
+            added=listed.take(np.sort(np.concatenate(added))) if added else [],
+            changed=listed.take(np.sort(np.concatenate(changed))) if changed else [],
+            deleted=sorted(deleted),
+        ),
+        unfinished=_by_generation(listed, todo_table),
+        committed=_ranges_by_generation(pa.concat_tables(ranges) if ranges else RANGES_SCHEMA.empty_table()),
     )
-    by_generation: dict[int, list[Shard]] = {}
-    for shard in listed:
-        generation, fingerprint = wanted.get(shard.url, (None, None))
-        if fingerprint == shard.fingerprint:
-            by_generation.setdefault(generation, []).append(shard)
-    return dict(sorted(by_generation.items()))
+
+
+def _by_generation(listed: ShardListing, todo: np.ndarray) -> dict[int, list[Shard]]:
+    """todo: columns of (listing index, generation) -> generation -> shards, in listing order."""
+    return {
+        generation: listed.take(np.sort(todo[0][todo[1] == generation])) for generation in np.unique(todo[1]).tolist()
+    }
+
+
+def _ranges_by_generation(ranges: pa.Table) -> dict[int, dict[str, list[Range]]]:
+    """Committed ranges (RANGES_SCHEMA) as generation -> URL -> merged ranges."""
+    by_generation: dict[int, dict[str, list[Range]]] = {}
+    columns = (urls_of(ranges.column("url")), *(ranges.column(c).to_pylist() for c in ("generation", "start", "end")))
+    for url, generation, start, end in zip(*columns, strict=True):
+        by_generation.setdefault(generation, {}).setdefault(url, []).append((start, end))
+    return {g: {url: merge_ranges(rs) for url, rs in shards.items()} for g, shards in by_generation.items()}
 
 
 def changes_since(versions: pa.Table, listed: list[Shard]) -> Changes:
