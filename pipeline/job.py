@@ -21,10 +21,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config import JobConfig
 from pipeline.duplicate_ids import rows_to_reject
 from pipeline.io.generations import Changes, add_generation, plan_run, shard_counts
-from pipeline.io.lease import writer_lease
+from pipeline.io.lease import LeaseLostError, writer_lease
 from pipeline.io.manifest import dead_letter_example
 from pipeline.io.ranges import Range, count_rows
-from pipeline.io.recovery import recover
+from pipeline.io.recovery import compact_while_running, recover
 from pipeline.io.run_record import (
     InputChangedError,
     append_run,
@@ -61,6 +61,8 @@ ROW_OVERHEAD_BYTES = 200
 # A run commits at least about this many parts, so that an early kill keeps most of its work.
 MIN_PARTS_PER_RUN = 20
 MIN_ROWS_PER_PART = 1000
+# How often a running job looks whether its records are worth compacting (a listing of two folders).
+COMPACT_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
         sink = CommittedParquetSink(
             config.output, config.storage, plan.generation, _rows_per_part(plan), plan.lease_token
         )
-        with _ProgressWatcher(progress, on_progress, config.progress_interval_s):
+        with _ProgressWatcher(progress, on_progress, config.progress_interval_s), _CompactWhileRunning(plan):
             rows.write_datasink(sink)
         counters = ray.get(progress.snapshot.remote())
         ray.kill(progress)
@@ -334,6 +336,36 @@ class _ProgressWatcher:
             return False
         self.on_progress(estimate_progress(snapshot, self.window.add(snapshot["elapsed_s"], snapshot["tokens"])))
         return True
+
+
+class _CompactWhileRunning:
+    """While the graph runs, fold the commit and read records it has written into a checkpoint every
+    COMPACT_EVERY_S, once there are many (recovery.compact_while_running): a long run's status and a
+    crash's recovery then read its facts a batch at a time. A failure only costs that: the run's own
+    recovery compacts what is left."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.fs, self.root = filesystem_for(plan.config.output, plan.config.storage)
+        self.lease_token = plan.lease_token
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()  # a compaction under way finishes: each of its steps is safe to stop after
+
+    def _run(self) -> None:
+        while not self.stop.wait(COMPACT_EVERY_S):
+            try:
+                compact_while_running(self.fs, self.root, self.lease_token)
+            except LeaseLostError:
+                return  # the run's own writes stop on it too
+            except Exception as err:  # the run goes on; its recovery compacts what is left
+                log.warning("compacting the run's records failed (%s: %s); the run goes on", type(err).__name__, err)
 
 
 def _mib(shards) -> str:

@@ -191,16 +191,26 @@ def test_a_10k_document_job_commits_along_the_way_and_its_rerun_touches_no_input
     ray_local, tmp_path, tiny_checkpoint, monkeypatch
 ):
     import pipeline.job
+    from pipeline.verify import verify_output
 
     (tmp_path / "in").mkdir()
     for shard in range(10):
         docs = make_docs(1000, seed=100 + shard, prefix=f"k{shard}", max_words=12)
         (tmp_path / "in" / f"part-{shard}.jsonl.gz").write_bytes(jsonl_bytes(docs, "gz"))
+    # The records it commits are compacted while it runs, as a long run's are.
+    monkeypatch.setattr(pipeline.job, "COMPACT_EVERY_S", 0.05)
+    monkeypatch.setattr("pipeline.io.compaction.COMPACT_AFTER_RECORDS", 2)
+    compactions = []
+    compact = pipeline.job.compact_while_running
+    monkeypatch.setattr(pipeline.job, "compact_while_running", lambda *a: compactions.append(compact(*a)))
     first = run(str(tmp_path / "in"), str(tmp_path / "out"), tiny_checkpoint, id_field="id", tokens_per_batch=4096)
     assert first.rows_committed == 10_000
     # 256 MB parts would hold it all in one part, committed at the very end; a run commits as it goes
     # (parts of at least 1,000 rows, made of whole blocks of 2,048 tokenized rows).
     assert first.parts >= 3
+    assert True in compactions, "records compacted while the run wrote more"
+    report = verify_output(str(tmp_path / "out"))
+    assert report.ok, report.problems
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a finished job's re-run must not read its input or start Ray")
