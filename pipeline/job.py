@@ -61,7 +61,7 @@ ROW_OVERHEAD_BYTES = 200
 # A run commits at least about this many parts, so that an early kill keeps most of its work.
 MIN_PARTS_PER_RUN = 20
 MIN_ROWS_PER_PART = 1000
-# How often a running job looks whether its records are worth compacting (a listing of two folders).
+# How often a running job looks whether its records are worth compacting (they are read, as status reads them).
 COMPACT_EVERY_S = 60.0
 
 

@@ -23,19 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import compaction
 from pipeline.io.compaction import compact, worth_compacting
 from pipeline.io.layout import (
     COMMITS,
     ERRORS,
     PARTS,
     QUARANTINE,
-    READS,
     STAGING,
     VACUUM,
     exists_now,
     join,
-    listing,
     move,
     remove_many,
 )
@@ -63,21 +60,19 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, s
     the state leaves the checkpoint's per-shard facts in its file (read_state)."""
     state = read_state(fs, root, shard_facts=shard_facts)
     _recover(fs, root, state)
-    if lease_token and worth_compacting(state):
-        compact(fs, root, state, lease_token)
+    if lease_token and worth_compacting(state) and compact(fs, root, state, lease_token) and not shard_facts:
+        state = read_state(fs, root, shard_facts=False)  # the records' facts, now in the checkpoint's file
     return state
 
 
 def compact_while_running(fs: fsspec.AbstractFileSystem, root: str, lease_token: int) -> bool:
     """Fold the records a running job (the lease holder) has written so far into a checkpoint, once
-    there are COMPACT_AFTER_RECORDS of them: so that `status` and the next run's start read a batch
-    at a time what a long run committed, not every record whole. Records of a writer that lost the
-    lease are left to recovery. True if it compacted."""
-    records = sum(len(listing(fs, join(root, folder), ".json")) for folder in (COMMITS, READS))
-    if records < compaction.COMPACT_AFTER_RECORDS:  # a listing, not a read of every record, to find out
-        return False
+    they are worth it (compaction.worth_compacting): so that `status` and a crash's recovery read a
+    batch at a time what a long run committed, not every record whole. Reading them to find out
+    costs what `status` costs: the records since the last compaction, few by this. Records of a
+    writer that lost the lease are left to recovery. True if it compacted."""
     state = read_state(fs, root, shard_facts=False)
-    return not state.fenced and compact(fs, root, state, lease_token, running=True)
+    return worth_compacting(state) and not state.fenced and compact(fs, root, state, lease_token, running=True)
 
 
 def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> list[str]:
