@@ -84,6 +84,27 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, tiny_checkpoint, capsys):
     assert "is a file; give a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["leaf folders", "files beside folders"])
+def test_a_listing_is_sorted_by_the_bytes_of_its_urls_however_its_folders_nest(tmp_path, layout):
+    """A run's start merges the listing with the output's URL-sorted facts, so it must come sorted
+    by URL bytes: a folder walk gives that order for files in leaf folders (no sort needed); files
+    beside folders are sorted after ("b-c/" sorts before "b/" and "b.jsonl")."""
+    from pipeline.config import StorageConfig
+    from pipeline.io.shards import discover_shards
+    from pipeline.io.storage import filesystem_for
+
+    names = ["b/x.jsonl", "b-c/y.jsonl", "é/1.jsonl", "e/2.jsonl", "a0/3.jsonl", "a/z/4.jsonl", "a/b/c.jsonl"]
+    if layout == "files beside folders":
+        names += ["b.jsonl", "a.jsonl", "é.jsonl", "e0.jsonl"]
+    for name in names:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(jsonl_bytes(make_docs(1, seed=6, prefix=name)))
+    fs, folder = filesystem_for(str(tmp_path / "in"), StorageConfig())
+    listed = discover_shards(fs, folder)
+    assert [s.url for s in listed] == sorted((s.url for s in listed), key=str.encode)
+    assert sorted(s.relative_path for s in listed) == sorted(names)
+
+
 def test_a_folder_named_like_a_shard_is_searched_inside_by_a_glob_as_by_a_folder(tmp_path):
     from pipeline.config import StorageConfig
     from pipeline.io.shards import discover_shards

@@ -178,8 +178,10 @@ def discover_shards(
             f"no .jsonl[.gz|.zst], .parquet or .txt shards found at {fs.unstrip_protocol(path)}; "
             "check the path, or set --format for other extensions"
         )
-    table = table.take(pc.sort_indices(table.column("url")))
     urls = table.column("url")
+    if not pc.all(pc.greater_equal(urls.slice(1), urls.slice(0, len(urls) - 1))).as_py():  # often listed sorted
+        table = table.take(pc.sort_indices(urls))
+        urls = table.column("url")
     repeated = pc.equal(urls.slice(1), urls.slice(0, len(urls) - 1))  # a glob may match a file twice
     if pc.any(repeated).as_py():
         table = table.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeated).combine_chunks()]))
@@ -215,11 +217,19 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
     if info.get("type") != "directory":
         yield path, info
     elif isinstance(fs, LocalFileSystem):
-        for _, _, files in fs.walk(path, detail=True):
-            for file_info in files.values():
-                yield file_info["name"], file_info
+        for _, folders, files in fs.walk(path, detail=True):
+            # In the order of their paths' bytes (a folder's name with its "/"): files kept in leaf
+            # folders are then listed sorted by URL, and discover_shards need not sort them again.
+            for name in sorted(folders, key=lambda name: _utf8(name) + b"/"):
+                folders[name] = folders.pop(name)  # walk descends in the folders' order
+            for name in sorted(files, key=_utf8):
+                yield files[name]["name"], files[name]
     else:
         yield from fs.find(path, detail=True).items()
+
+
+def _utf8(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _forget_listings(fs: fsspec.AbstractFileSystem, root: str) -> None:
