@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from corpus import jsonl_bytes, make_docs, parquet_bytes
@@ -161,6 +162,7 @@ def test_cli_embeds_and_reports_known_errors_with_exit_codes(ray_local, tmp_path
     assert main(["embed", str(tmp_path / "in"), out, "--model", str(tiny_checkpoint), "--id-field", "id"]) == EXIT_OK
     assert "documents      8" in capsys.readouterr().out
     assert read_output(tmp_path / "out").num_rows == 8
+    assert pa.default_memory_pool().backend_name == "system", "the driver's Arrow memory (cli.use_system_allocator)"
 
     assert main(["embed", str(tmp_path / "nothing-here"), str(tmp_path / "o2"), "--model", str(tiny_checkpoint)]) == (
         NoInputError.exit_code
