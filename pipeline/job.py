@@ -340,9 +340,9 @@ class _ProgressWatcher:
 
 class _CompactWhileRunning:
     """While the graph runs, fold the commit and read records it has written into a checkpoint every
-    COMPACT_EVERY_S, once there are many (recovery.compact_while_running): a long run's status and a
-    crash's recovery then read its facts a batch at a time. A failure only costs that: the run's own
-    recovery compacts what is left."""
+    COMPACT_EVERY_S, once they are worth it (recovery.compact_while_running): a long run's status
+    and a crash's recovery then read its facts a batch at a time. A failure only costs that: the
+    run's own recovery compacts what is left."""
 
     def __init__(self, plan: _Plan) -> None:
         self.fs, self.root = filesystem_for(plan.config.output, plan.config.storage)
