@@ -7,9 +7,12 @@ shard read to its end, per shard failed part way), then deletes the records it f
 older checkpoints, as table formats compact their logs.
 
 The per-shard facts (shards read to their end, committed ranges) are rows of their own, sorted by URL
-(sorted_facts.py), so that `status` reads them a batch at a time; a commit row holds its record
-without its ranges. A checkpoint written before this (its commits' ranges inside their records) is
-still read, whole.
+(sorted_facts.py), so that `status` and a run's start read them a batch at a time; a commit row holds
+its record without its ranges. The next checkpoint merges the last one's facts, still in its file,
+with the records' the same way, and is written a row group at a time: a compaction holds the records
+and a batch, not the corpus. The lease holder compacts at a run's start and end and, while its job
+runs, every minute (the job's parts in flight are staged, not yet named by any record). A
+checkpoint written before this (its commits' ranges inside their records) is still read, whole.
 
 Crash-safe at every step: readers take the newest checkpoint plus every record still there, and
 the facts merge idempotently (a part by its name, a shard by its URL), so a record deleted late is

@@ -173,7 +173,8 @@ def plan_run(
 ) -> RunPlan:
     """The listing against the current versions and what the output holds of them, a batch of URLs at
     a time (_ledger_steps): only the shards to do come back as Python objects, none on a finished
-    re-run. state: read with shard_facts=False, or whole."""
+    re-run. state: read with shard_facts=False, or whole; listed: sorted by URL, as discover_shards
+    lists."""
     listing = listed.table.select(["url", "fingerprint"])
     listing = listing.append_column("index", pa.array(np.arange(len(listed), dtype=np.int64)))
     added, changed, deleted, todo, ranges = [], [], [], [], []
