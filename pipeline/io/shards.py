@@ -92,8 +92,8 @@ LISTING_CHUNK = 8_192  # entries gathered in Python before they become columns
 
 class ShardListing(Sequence):
     """The shards a listing found, sorted by URL, kept as columns (LISTING_SCHEMA): a Shard is made
-    when one is asked for. As objects, a million shards took the driver about 400 MB; as columns, a
-    quarter of that."""
+    when one is asked for. As objects, the listing took the driver's heap about 520 B per shard
+    (tracemalloc, 10^5 shards); as columns it takes 116 B (benchmarks/RESULTS.md)."""
 
     __slots__ = ("table",)
 
@@ -122,10 +122,6 @@ class ShardListing(Sequence):
     def take(self, indices) -> list[Shard]:
         """The shards at these positions, as objects."""
         return _shards(self.table.take(pa.array(indices, pa.int64())))
-
-    @property
-    def size_bytes(self) -> int:
-        return pc.sum(self.table.column("size_bytes")).as_py() or 0
 
 
 def _shards(table: pa.Table | pa.RecordBatch) -> list[Shard]:
