@@ -262,7 +262,7 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     from pipeline.io.compaction import CHECKPOINT_SCHEMA
     from pipeline.io.layout import CHECKPOINTS, COMMITS, READS, parquet_bytes, urls_of
     from pipeline.io.lease import acquire_lease
-    from pipeline.io.ledger import INPUT_COLUMNS, current_versions
+    from pipeline.io.ledger import INPUT_COLUMNS, committed, current_versions, ledger
     from pipeline.io.manifest import read_state
     from pipeline.io.recovery import recover
     from pipeline.io.run_record import read_run_record
@@ -283,12 +283,13 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     write(fs, str(tmp_path / "in"), {**refreshed(corpus), "u0.jsonl": make_docs(3, seed=500, prefix="u0-")})
     run(str(tmp_path / "in"), root, tiny_checkpoint)  # generation 2: in records beside the checkpoint
 
+    def whole_ledger(state, versions):  # the shard ledger of the state read whole, in one piece
+        return ledger(versions, state.done, committed(state.ranges()))
+
     def whole() -> dict:
         state = read_state(fs, root)
         record = read_run_record(fs, root)
-        shards = generations.shard_ledger(
-            state, current_versions(generations.recorded_inputs(fs, root, record, INPUT_COLUMNS))
-        )
+        shards = whole_ledger(state, current_versions(generations.recorded_inputs(fs, root, record, INPUT_COLUMNS)))
         return {
             "shards": shards.num_rows,
             "shards_complete": sum(shards.column("complete").to_pylist()),
@@ -342,7 +343,7 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
         whole = read_state(fs, folder)
         current = current_versions(generations.recorded_inputs(fs, folder, record, INPUT_COLUMNS))
         assert plan.changes == generations.changes_since(current, listed)
-        shards = generations.shard_ledger(whole, current).filter(pc.invert(pc.field("complete")))
+        shards = whole_ledger(whole, current).filter(pc.invert(pc.field("complete")))
         versions = shards.select(["fingerprint", "generation"]).to_pylist()
         todo = dict(zip(urls_of(shards.column("url")), versions, strict=True))
         want: dict[int, list] = {}

@@ -16,14 +16,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.io import sorted_facts
 from pipeline.io.compaction import DONE, RANGE, shard_facts_in_batches
@@ -76,22 +75,26 @@ class Changes:
 def recorded_inputs(
     fs: fsspec.AbstractFileSystem, root: str, record: dict, columns: list[str] | None = None
 ) -> pa.Table:
-    """Every generation's entries (INPUTS_SCHEMA, or these of its columns), from _inputs/ or, in a
-    version 1 record, from the record itself."""
-    schema = INPUTS_SCHEMA if columns is None else pa.schema([INPUTS_SCHEMA.field(c) for c in columns])
-    tables = []
+    """Every generation's entries (INPUTS_SCHEMA, or these of its columns), generation after
+    generation, each in URL order."""
+    columns = INPUTS_SCHEMA.names if columns is None else columns
+    tables = [table for batches in _entries_in_batches(fs, root, record, columns) for table in batches]
+    return pa.concat_tables(tables) if tables else pa.schema([INPUTS_SCHEMA.field(c) for c in columns]).empty_table()
+
+
+def _entries_in_batches(
+    fs: fsspec.AbstractFileSystem, root: str, record: dict, columns: list[str]
+) -> list[Iterable[pa.Table]]:
+    """Each generation's entries (these columns of INPUTS_SCHEMA) in URL order, a batch at a time:
+    from _inputs/ or, in a version 1 record, from the record itself."""
+    generations = []
     for generation in record["generations"]:
         if "inputs" in generation:  # manifest version 1: every shard added, none changed
-            tables.append(inputs_table(generation["inputs"], generation["generation"]).select(schema.names))
+            entries = inputs_table(generation["inputs"], generation["generation"]).select(columns)
+            generations.append([sorted_by_url(entries)])
         else:
-            with fs.open(join(root, generation["inputs_file"]), "rb") as f:
-                tables.append(pq.read_table(f, columns=schema.names, schema=INPUTS_SCHEMA))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def shard_ledger(state: OutputState, versions: pa.Table) -> pa.Table:
-    """ledger.ledger of these versions (ledger.current_versions) against what the state holds."""
-    return ledger(versions, state.done, committed(state.ranges()))
+            generations.append(file_batches(fs, join(root, generation["inputs_file"]), columns, INPUTS_SCHEMA))
+    return generations
 
 
 def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState) -> Iterator[pa.Table]:
@@ -108,12 +111,7 @@ def _ledger_steps(
     """ledger_in_batches, step by step with that step's committed ranges (RANGES_SCHEMA) and its rows
     of each table in more (tables sorted by url)."""
     inputs_schema = pa.schema([INPUTS_SCHEMA.field(c) for c in INPUT_COLUMNS])
-    generations = []
-    for generation in record["generations"]:
-        if "inputs" in generation:  # manifest version 1: the shards inline in the record
-            generations.append([inputs_table(generation["inputs"], generation["generation"]).select(INPUT_COLUMNS)])
-        else:
-            generations.append(file_batches(fs, join(root, generation["inputs_file"]), INPUT_COLUMNS, INPUTS_SCHEMA))
+    generations = _entries_in_batches(fs, root, record, INPUT_COLUMNS)
     sources = [
         *generations,
         shard_facts_in_batches(fs, state, DONE),
