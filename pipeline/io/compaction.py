@@ -100,16 +100,8 @@ def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState
                 raise
             continue
         state.checkpoints = paths
-        _merge(state, _as_current_schema(table), facts_as_rows=is_sorted(table.schema))
+        _merge(state, _with_every_column(table), facts_as_rows=is_sorted(table.schema))
         return
-
-
-def _as_current_schema(table: pa.Table) -> pa.Table:
-    """A checkpoint's table with every column of CHECKPOINT_SCHEMA (an older one lacks the range columns)."""
-    for field in CHECKPOINT_SCHEMA:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(CHECKPOINT_SCHEMA.names).cast(CHECKPOINT_SCHEMA)
 
 
 def _read_kinds(parquet: pq.ParquetFile, kinds: tuple[str, ...]) -> pa.Table:
@@ -257,7 +249,7 @@ class _RowGroups:
         self.writer.close()
 
     def write(self, table: pa.Table) -> None:
-        self.pending.append(_fill(table, table.num_rows))
+        self.pending.append(_with_every_column(table))
         while sum(t.num_rows for t in self.pending) >= sorted_facts.BATCH_ROWS:
             rows = pa.concat_tables(self.pending)
             self.writer.write_table(rows.slice(0, sorted_facts.BATCH_ROWS))
@@ -270,10 +262,11 @@ class _RowGroups:
         self.pending = []
 
 
-def _fill(table: pa.Table, n: int) -> pa.Table:
-    """table with CHECKPOINT_SCHEMA's columns, the ones it lacks all null."""
+def _with_every_column(table: pa.Table) -> pa.Table:
+    """table with CHECKPOINT_SCHEMA's columns, the ones it lacks all null (an older checkpoint lacks
+    the range columns; a kind of fact has only its own)."""
     columns = {
-        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
         for f in CHECKPOINT_SCHEMA
     }
     return pa.table(columns, schema=CHECKPOINT_SCHEMA)
