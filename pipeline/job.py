@@ -148,7 +148,10 @@ def run_embedding_job(
             state = recover(out_fs, out_root, lease_token, shard_facts=False)
         if not work:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        _, failed = shard_counts(out_fs, out_root, record, state)  # of the current versions, a batch at a time
+        if work or changes:  # what the output holds, or which versions are current, moved since the plan
+            _, failed = shard_counts(out_fs, out_root, record, state)
+        else:  # a finished re-run: the plan's pass over the output found them already
+            failed = planned.failed
         summary = summary_of(
             state=state,
             failed=failed,

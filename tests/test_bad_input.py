@@ -208,6 +208,13 @@ def test_an_s3_object_that_answers_403_is_recorded_and_the_rest_embedded(
     assert summary.error_counts == {"file:permission_denied": 1}
     assert summary.failed_files == [f"s3://{s3.bucket}/in/secret.jsonl"]
 
+    # Gone from the listing (without --refresh it stays the current version): nothing is left to do,
+    # and the re-run still names the file that was never read to its end.
+    s3.rm(f"{s3.bucket}/in/secret.jsonl")
+    with pytest.raises(RunIncompleteError, match="1 input files could not be read to their end") as again:
+        run_embedding_job(config)
+    assert again.value.summary.already_complete and again.value.summary.failed_files == summary.failed_files
+
 
 @pytest.mark.parametrize("policy", ["keep", "flag", "reject"])
 def test_duplicate_ids_are_kept_flagged_or_rejected(ray_local, tmp_path, tiny_checkpoint, policy):

@@ -98,7 +98,7 @@ def _entries_in_batches(
 
 
 def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState) -> Iterator[pa.Table]:
-    """shard_ledger of the current versions, a batch of URLs at a time (sorted_facts.in_step): every
+    """The shard ledger (ledger.ledger) of the current versions, a batch of URLs at a time (in_step): every
     generation's entries, done shards and committed ranges, read in URL order from _inputs/ and the
     checkpoint (state read with shard_facts=False) together with the records' facts in state."""
     for shards, _, _ in _ledger_steps(fs, root, record, state):
@@ -138,19 +138,35 @@ def shard_counts(
     current versions that no read finished (OutputState.failed_part_way, without reading every done
     shard at once)."""
     counts = dict.fromkeys(("shards", "complete", "read", "rows_read"), 0)
-    failed_urls = url_column(sorted({url for url, _ in state.file_failures}))
-    unfinished: set[tuple[str, str]] = set()
+    failed = _FailedReads(state)
     for shards in ledger_in_batches(fs, root, record, state):
         read_rows = shards.column("rows")
         counts["shards"] += shards.num_rows
         counts["complete"] += pc.sum(shards.column("complete")).as_py() or 0
         counts["read"] += read_rows.length() - read_rows.null_count
         counts["rows_read"] += pc.sum(read_rows).as_py() or 0
-        if len(failed_urls):
-            mine = shards.filter(pc.is_in(shards.column("url"), value_set=failed_urls))
+        failed.add(shards)
+    return counts, failed.of_current_versions()
+
+
+class _FailedReads:
+    """The state's failed reads of current versions that no read finished, found a batch of the
+    shard ledger at a time."""
+
+    def __init__(self, state: OutputState) -> None:
+        self.failures = state.file_failures
+        self.urls = url_column(sorted({url for url, _ in state.file_failures}))
+        self.unfinished: set[tuple[str, str]] = set()
+
+    def add(self, shards: pa.Table) -> None:
+        if len(self.urls):
+            mine = shards.filter(pc.is_in(shards.column("url"), value_set=self.urls))
             mine = mine.filter(pc.is_null(mine.column("rows")))
-            unfinished |= set(zip(urls_of(mine.column("url")), mine.column("fingerprint").to_pylist(), strict=True))
-    return counts, [f for key, f in sorted(state.file_failures.items()) if key in unfinished]
+            keys = zip(urls_of(mine.column("url")), mine.column("fingerprint").to_pylist(), strict=True)
+            self.unfinished |= set(keys)
+
+    def of_current_versions(self) -> list[FileFailure]:
+        return [f for key, f in sorted(self.failures.items()) if key in self.unfinished]
 
 
 @dataclass(frozen=True)
@@ -164,6 +180,8 @@ class RunPlan:
     (one that changed or vanished since is left to the next generation); oldest generation first."""
     committed: dict[int, dict[str, list[Range]]]
     """Of those shards: generation -> URL -> the row ranges already committed."""
+    failed: list[FileFailure]
+    """Failed reads of current versions that no read finished, as shard_counts finds them."""
 
 
 def plan_run(
@@ -176,7 +194,9 @@ def plan_run(
     listing = listed.table.select(["url", "fingerprint"])
     listing = listing.append_column("index", pa.array(np.arange(len(listed), dtype=np.int64)))
     added, changed, deleted, todo, ranges = [], [], [], [], []
+    failed = _FailedReads(state)
     for shards, step_ranges, (here,) in _ledger_steps(fs, root, record, state, (listing,)):
+        failed.add(shards)
         at = positions(here.column("url"), shards.column("url"))
         known = at >= 0
         index = here.column("index").to_numpy()
@@ -204,6 +224,7 @@ def plan_run(
         ),
         unfinished=_by_generation(listed, todo_table),
         committed=_ranges_by_generation(pa.concat_tables(ranges) if ranges else RANGES_SCHEMA.empty_table()),
+        failed=failed.of_current_versions(),
     )
 
 
