@@ -118,7 +118,7 @@ def run_embedding_job(
         # Generations a crashed run left unfinished first, oldest first; then what changed.
         work = dict(planned.unfinished)
         if changes:
-            generation, _ = add_generation(out_fs, out_root, record, config.input, changes, refresh=config.refresh)
+            generation = add_generation(out_fs, out_root, record, config.input, changes, refresh=config.refresh)
             log.info("generation %d: %s", generation, _described(changes))
             if changes.added or changes.changed:  # deletions alone need no model work
                 work[generation] = changes.added + changes.changed
@@ -306,50 +306,12 @@ def _rows_per_part(plan: _Plan) -> int:
     return max(1, rows)
 
 
-class _ProgressWatcher:
-    """While the graph runs, hand the job's progress to on_progress (or the log) every interval_s, and
-    once more when it has finished."""
+class _WhileTheGraphRuns:
+    """Calls tick() every interval_s on a thread of its own, from entering the block to leaving it
+    (a tick under way finishes first); a tick that returns False ends the calls."""
 
-    def __init__(self, progress, on_progress, interval_s: float) -> None:
-        self.progress, self.interval_s = progress, interval_s
-        self.on_progress = on_progress or (lambda p: log.info("progress: %s", progress_line(p)))
-        self.window = RateWindow()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-        if exc_type is None:
-            self._report()
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval_s) and self._report():
-            pass
-
-    def _report(self) -> bool:
-        try:
-            snapshot = ray.get(self.progress.snapshot.remote())
-        except ray.exceptions.RayError as err:  # progress is for people: the job goes on without it
-            log.warning("progress is not available (%s); the job goes on", type(err).__name__)
-            return False
-        self.on_progress(estimate_progress(snapshot, self.window.add(snapshot["elapsed_s"], snapshot["tokens"])))
-        return True
-
-
-class _CompactWhileRunning:
-    """While the graph runs, fold the commit and read records it has written into a checkpoint every
-    COMPACT_EVERY_S, once they are worth it (recovery.compact_while_running): a long run's status
-    and a crash's recovery then read its facts a batch at a time. A failure only costs that: the
-    run's own recovery compacts what is left."""
-
-    def __init__(self, plan: _Plan) -> None:
-        self.fs, self.root = filesystem_for(plan.config.output, plan.config.storage)
-        self.lease_token = plan.lease_token
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -359,16 +321,61 @@ class _CompactWhileRunning:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join()  # a compaction under way finishes: each of its steps is safe to stop after
+        self.thread.join()
 
     def _run(self) -> None:
-        while not self.stop.wait(COMPACT_EVERY_S):
-            try:
-                compact_while_running(self.fs, self.root, self.lease_token)
-            except LeaseLostError:
-                return  # the run's own writes stop on it too
-            except Exception as err:  # the run goes on; its recovery compacts what is left
-                log.warning("compacting the run's records failed (%s: %s); the run goes on", type(err).__name__, err)
+        while not self.stop.wait(self.interval_s) and self.tick():
+            pass
+
+    def tick(self) -> bool:
+        raise NotImplementedError
+
+
+class _ProgressWatcher(_WhileTheGraphRuns):
+    """While the graph runs, hand the job's progress to on_progress (or the log) every interval_s, and
+    once more when it has finished."""
+
+    def __init__(self, progress, on_progress, interval_s: float) -> None:
+        super().__init__(interval_s)
+        self.progress = progress
+        self.on_progress = on_progress or (lambda p: log.info("progress: %s", progress_line(p)))
+        self.window = RateWindow()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        super().__exit__(exc_type, *exc)
+        if exc_type is None:
+            self.tick()
+
+    def tick(self) -> bool:
+        try:
+            snapshot = ray.get(self.progress.snapshot.remote())
+        except ray.exceptions.RayError as err:  # progress is for people: the job goes on without it
+            log.warning("progress is not available (%s); the job goes on", type(err).__name__)
+            return False
+        self.on_progress(estimate_progress(snapshot, self.window.add(snapshot["elapsed_s"], snapshot["tokens"])))
+        return True
+
+
+class _CompactWhileRunning(_WhileTheGraphRuns):
+    """While the graph runs, fold the commit and read records it has written into a checkpoint every
+    COMPACT_EVERY_S, once they are worth it (recovery.compact_while_running): a long run's status
+    and a crash's recovery then read its facts a batch at a time. A failure only costs that: the
+    run's own recovery compacts what is left. A compaction under way when the graph ends finishes:
+    each of its steps is safe to stop after."""
+
+    def __init__(self, plan: _Plan) -> None:
+        super().__init__(COMPACT_EVERY_S)
+        self.fs, self.root = filesystem_for(plan.config.output, plan.config.storage)
+        self.lease_token = plan.lease_token
+
+    def tick(self) -> bool:
+        try:
+            compact_while_running(self.fs, self.root, self.lease_token)
+        except LeaseLostError:
+            return False  # the run's own writes stop on it too
+        except Exception as err:  # the run goes on; its recovery compacts what is left
+            log.warning("compacting the run's records failed (%s: %s); the run goes on", type(err).__name__, err)
+        return True
 
 
 def _mib(shards) -> str:

@@ -264,9 +264,9 @@ def changes_since(versions: pa.Table, listed: list[Shard]) -> Changes:
 
 def add_generation(
     fs: fsspec.AbstractFileSystem, root: str, record: dict, input_url: str, changes: Changes, *, refresh: bool
-) -> tuple[int, pa.Table]:
+) -> int:
     """Record a new generation: its entries' file first, then the run record naming it (a crash between
-    leaves a file the next run writes again). Returns its number and entries."""
+    leaves a file the next run writes again). Returns its number."""
     from pipeline.io.run_record import save_run_record
 
     number = len(record["generations"])
@@ -299,7 +299,7 @@ def add_generation(
         }
     )
     save_run_record(fs, root, record)
-    return number, table
+    return number
 
 
 def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
