@@ -188,6 +188,36 @@ def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
     assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
 
 
+def test_an_s3_folder_is_listed_a_page_at_a_time_with_the_fingerprints_s3fs_gives(s3, monkeypatch):
+    """A million objects' info dicts would take the driver about a GB: S3 is listed a page at a time,
+    never all at once, and finds what s3fs's own listing finds, with the same fingerprints (an output
+    embedded before must not see its shards as changed). Keys in S3's order, sorted by their bytes."""
+    from pipeline.io import shards
+    from pipeline.io.shards import shard_fingerprint
+
+    monkeypatch.setattr(shards, "S3_PAGE_KEYS", 40)
+    names = [f"{d}/{i:03d}.jsonl" for d in ("a", "a-b", "a/x", "b", "é") for i in range(20)] + ["b/_hidden.jsonl"]
+    s3.pipe({f"{s3.bucket}/in/{name}": b'{"text": "x"}\n' * (len(name) % 4 + 1) for name in names})
+    s3.pipe({f"{s3.bucket}/in/b/": b"", f"{s3.bucket}/in-other/c.jsonl": b'{"text": "y"}\n'})  # a folder marker
+    expected = [
+        (s3.unstrip_protocol(name), shard_fingerprint(info))
+        for name, info in sorted(s3.find(f"{s3.bucket}/in", detail=True).items(), key=lambda i: i[0].encode())
+        if name.endswith(".jsonl") and "/_" not in name
+    ]
+    s3.invalidate_cache()
+    requests = []
+    call_s3 = s3.call_s3
+    monkeypatch.setattr(s3, "call_s3", lambda method, **kw: requests.append(method) or call_s3(method, **kw))
+
+    listed = shards._files(s3, f"{s3.bucket}/in", {"type": "directory"})
+    next(listed)
+    assert requests == ["list_objects_v2"]  # a page asked for when it is needed
+    found = shards.discover_shards(s3, f"{s3.bucket}/in")
+    assert [(s.url, s.fingerprint) for s in found] == expected and len(expected) == 100
+    assert requests == ["list_objects_v2"] * (1 + 3)  # 102 objects in pages of 40
+    assert found.table.column("url").to_pylist() == sorted(found.table.column("url").to_pylist())
+
+
 def test_a_pack_as_large_as_the_runs_token_budget_reaches_the_model_whole(tmp_path, tiny_checkpoint, tiny_encoder):
     """--tokens-per-batch above the device's default: the embed stage runs each pack in one forward pass,
     as the pack stage cut it, instead of splitting it again under the Encoder's own default."""

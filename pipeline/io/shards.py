@@ -12,6 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
+from s3fs import S3FileSystem
 
 from pipeline.errors import NoInputError
 from pipeline.io.layout import url_column, urls_of
@@ -88,6 +89,7 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 LISTING_CHUNK = 8_192  # entries gathered in Python before they become columns
+S3_PAGE_KEYS = 1_000  # S3's most per listing request
 
 
 class ShardListing(Sequence):
@@ -206,12 +208,15 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
     """(name, info) of `path` itself, or of every file below it.
 
     An object store is listed in one recursive listing (a request per 1,000 objects, where a folder at
-    a time would be a request per folder); discover_shards empties the listing cache it fills, or the
-    driver would hold every object's info for the whole run. A local folder is walked a folder at a
-    time, so that only one folder's info dicts are alive at once.
+    a time would be a request per folder). S3's comes a page at a time (_s3_objects); another store's
+    `find` gathers every object's info dict first, about 1 KB each, and fills a listing cache that
+    discover_shards empties, or the driver would hold them for the whole run. A local folder is walked
+    a folder at a time, so that only one folder's info dicts are alive at once.
     """
     if info.get("type") != "directory":
         yield path, info
+    elif isinstance(fs, S3FileSystem) and not fs.version_aware:
+        yield from _s3_objects(fs, path)
     elif isinstance(fs, LocalFileSystem):
         for _, folders, files in fs.walk(path, detail=True):
             # In the order of their paths' bytes (a folder's name with its "/"): files kept in leaf
@@ -222,6 +227,23 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
                 yield files[name]["name"], files[name]
     else:
         yield from fs.find(path, detail=True).items()
+
+
+def _s3_objects(fs: S3FileSystem, path: str) -> Iterator[tuple[str, dict]]:
+    """(name, info) of every object below path, a page of S3_PAGE_KEYS at a time, in the order S3 lists
+    keys: by their UTF-8 bytes, which is the listing's order. Each page is a request of its own, retried
+    as s3fs retries any (call_s3)."""
+    bucket, key, _ = fs.split_path(path)
+    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": S3_PAGE_KEYS}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for entry in page.get("Contents", []):
+            # The fields shard_fingerprint reads, as s3fs's own listing names them: same fingerprints.
+            info = {"size": entry["Size"], "ETag": entry.get("ETag"), "LastModified": entry.get("LastModified")}
+            yield f"{bucket}/{entry['Key']}", {"name": f"{bucket}/{entry['Key']}", "type": "file", **info}
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _utf8(name: str) -> bytes:
