@@ -32,7 +32,7 @@ from pipeline.io.run_record import (
     open_run_record,
     remove_output,
 )
-from pipeline.io.shards import Shard, ShardListing, discover_shards
+from pipeline.io.shards import ShardListing, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
 from pipeline.model.cpu_allocator import GLIBC_TUNABLES
@@ -73,7 +73,7 @@ class _Plan:
     facts: CheckpointFacts
     tokenizer_json: str
     shards: ShardListing
-    todo: list[Shard]
+    todo: ShardListing
     committed: dict[str, list[Range]]
     generation: int
     rows_per_byte: float | None
@@ -202,8 +202,8 @@ def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounters).remote(
             total_shards=len(todo),
-            total_bytes=sum(s.size_bytes for s in todo),
-            rows_done_before=sum(count_rows(plan.committed.get(s.url, [])) for s in todo),
+            total_bytes=todo.size_bytes,
+            rows_done_before=sum(count_rows(ranges) for ranges in plan.committed.values()),
             rows_per_byte_guess=plan.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started
@@ -231,7 +231,7 @@ def _read_and_pack(plan: _Plan, repeats, progress):
             config.text_field,
             config.id_field,
             config.storage,
-            skip={s.url: plan.committed[s.url] for s in plan.todo if s.url in plan.committed},
+            skip=plan.committed,
             repeats=repeats,
             strict=config.strict,
             outcomes=outcomes,
@@ -301,7 +301,7 @@ def _rows_per_part(plan: _Plan) -> int:
     bytes_per_row = plan.facts.hidden_size * (2 if config.output_dtype == "float16" else 4) + ROW_OVERHEAD_BYTES
     rows = int(config.target_file_mb * 2**20 // bytes_per_row)
     if plan.rows_per_byte:
-        estimated_rows = sum(s.size_bytes for s in plan.todo) * plan.rows_per_byte
+        estimated_rows = plan.todo.size_bytes * plan.rows_per_byte
         rows = min(rows, max(MIN_ROWS_PER_PART, int(estimated_rows) // MIN_PARTS_PER_RUN))
     return max(1, rows)
 
@@ -378,5 +378,5 @@ class _CompactWhileRunning(_WhileTheGraphRuns):
         return True
 
 
-def _mib(shards) -> str:
-    return f"{sum(s.size_bytes for s in shards) / 2**20:,.1f} MiB"
+def _mib(shards: ShardListing) -> str:
+    return f"{shards.size_bytes / 2**20:,.1f} MiB"

@@ -20,7 +20,7 @@ from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
 from pipeline.io.recovery import RepairReport, repair
 from pipeline.io.run_record import read_run_record
 from pipeline.io.schemas import ERROR_ROWS_SCHEMA, ERRORS_SCHEMA, output_schema
-from pipeline.io.shards import discover_shards
+from pipeline.io.shards import LISTING_SCHEMA, ShardListing, discover_shards
 from pipeline.io.storage import filesystem_for
 from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, repeated_ids_here, schema_shape
 from pipeline.ray_session import ray_for_checks
@@ -289,15 +289,16 @@ def _check_fingerprints(
 ) -> None:
     """Each recorded shard's fingerprint now (recorded: the current versions), from one listing of each
     input root (not a request per shard)."""
-    listed = []
+    listings = []
     for root in roots:
         fs, path = filesystem_for(root, storage)
         try:
-            listed += discover_shards(fs, path, fingerprint_mode=mode)
+            listings.append(discover_shards(fs, path, fingerprint_mode=mode).table)
         except NoInputError:
             pass  # every shard under it is gone: reported below
+    listed = ShardListing(pa.concat_tables(listings) if listings else LISTING_SCHEMA.empty_table())
     changes = changes_since(recorded, listed)
-    gone, changed = changes.deleted, [s.url for s in changes.changed]
+    gone, changed = changes.deleted, changes.changed.urls()
     if gone:
         report.facts.append(
             f"{len(gone)} input shards no longer exist (their embeddings stay current until a --refresh records "

@@ -70,6 +70,20 @@ def state_facts(state) -> tuple:
     )
 
 
+def test_a_read_task_ships_its_own_shards_not_the_whole_listing(tmp_path):
+    """The driver keeps a million shards as columns, and each read task gets a copy of its own rows: an
+    Arrow slice would pickle the whole listing's buffers into every task."""
+    from ray import cloudpickle
+
+    write_corpus(tmp_path / "in", small=300)
+    fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
+    shards = discover_shards(fs, path)
+    tasks = ShardDatasource(shards, "text", "id", STORAGE).get_read_tasks(20)
+    listing_bytes = len(cloudpickle.dumps(shards))
+    assert len(tasks) >= 10
+    assert max(len(cloudpickle.dumps(task)) for task in tasks) < listing_bytes / 3
+
+
 def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_read_record(tmp_path):
     write_corpus(tmp_path / "in", small=300)
     fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
@@ -80,11 +94,13 @@ def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_r
     )
 
     tables, tasks = run_read_tasks(source, parallelism=10)
+    groups = source.groups(parallelism=10)
 
     # About one task per tenth of the bytes; the huge shard alone; every shard once, in path order.
-    assert 5 <= len(tasks) <= 11
-    assert [url for t in tasks for url in t.metadata.input_files] == [s.url for s in shards]
-    assert tasks[-1].metadata.input_files == (shards[-1].url,) and shards[-1].url.endswith("zz-huge.jsonl")
+    assert 5 <= len(tasks) <= 11 and len(groups) == len(tasks)
+    assert [s for group in groups for s in group] == list(shards)
+    assert list(groups[-1]) == [shards[-1]] and shards[-1].url.endswith("zz-huge.jsonl")
+    assert [t.metadata.size_bytes for t in tasks] == [group.size_bytes for group in groups]
     assert sum(t.num_rows for t in tables) == 300 * 3 + 400
     assert len(list((tmp_path / "out" / READS).iterdir())) == len(tasks)
     out_fs, root = filesystem_for(str(tmp_path / "out"), STORAGE)

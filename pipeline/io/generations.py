@@ -13,10 +13,9 @@ always, changed and deleted ones with --refresh (without it, a changed shard is 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -61,8 +60,8 @@ INPUTS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Changes:
-    added: list[Shard]
-    changed: list[Shard]
+    added: Sequence[Shard]  # a ShardListing from plan_run
+    changed: Sequence[Shard]
     deleted: list[str]
 
     def __bool__(self) -> bool:
@@ -175,7 +174,7 @@ class RunPlan:
 
     changes: Changes
     """What the listing adds to, changes in and removes from the current input."""
-    unfinished: dict[int, list[Shard]]
+    unfinished: dict[int, ShardListing]
     """Generation -> its current shards not yet complete, where the listing still shows that version
     (one that changed or vanished since is left to the next generation); oldest generation first."""
     committed: dict[int, dict[str, list[Range]]]
@@ -218,8 +217,8 @@ def plan_run(
     todo_table = np.concatenate(todo, axis=1) if todo else np.zeros((2, 0), np.int64)
     return RunPlan(
         Changes(
-            added=listed.take(np.sort(np.concatenate(added))) if added else [],
-            changed=listed.take(np.sort(np.concatenate(changed))) if changed else [],
+            added=_subset(listed, added),
+            changed=_subset(listed, changed),
             deleted=sorted(deleted),
         ),
         unfinished=_by_generation(listed, todo_table),
@@ -228,11 +227,16 @@ def plan_run(
     )
 
 
-def _by_generation(listed: ShardListing, todo: np.ndarray) -> dict[int, list[Shard]]:
+def _by_generation(listed: ShardListing, todo: np.ndarray) -> dict[int, ShardListing]:
     """todo: columns of (listing index, generation) -> generation -> shards, in listing order."""
-    return {
-        generation: listed.take(np.sort(todo[0][todo[1] == generation])) for generation in np.unique(todo[1]).tolist()
-    }
+    return {generation: _subset(listed, [todo[0][todo[1] == generation]]) for generation in np.unique(todo[1]).tolist()}
+
+
+def _subset(listed: ShardListing, indices: list[np.ndarray]) -> ShardListing:
+    """The listed shards at these positions (each one once), in listing order: the listing itself when
+    that is all of it, as on a first run, rather than a copy."""
+    chosen = np.sort(np.concatenate(indices)) if indices else np.zeros(0, np.int64)
+    return listed if len(chosen) == len(listed) else listed.take(chosen)
 
 
 def _ranges_by_generation(ranges: pa.Table) -> dict[int, dict[str, list[Range]]]:
@@ -244,20 +248,22 @@ def _ranges_by_generation(ranges: pa.Table) -> dict[int, dict[str, list[Range]]]
     return {g: {url: merge_ranges(rs) for url, rs in shards.items()} for g, shards in by_generation.items()}
 
 
-def changes_since(versions: pa.Table, listed: list[Shard]) -> Changes:
-    """What the listing adds to, changes in and removes from the current input (versions)."""
-    at = positions(url_column([s.url for s in listed]), versions.column("url"))
+def changes_since(versions: pa.Table, listed: Sequence[Shard]) -> Changes:
+    """What the listing adds to, changes in and removes from the current input (versions), the whole
+    listing at once (plan_run does it a batch at a time)."""
+    listing = listed if isinstance(listed, ShardListing) else ShardListing.of(listed)
+    at = positions(listing.table.column("url"), versions.column("url"))
     known = at >= 0
     theirs = versions.column("fingerprint").take(pa.array(at[known]))
-    listed_prints = pa.array([s.fingerprint for s in listed], pa.string()).filter(pa.array(known))
-    rewritten = np.zeros(len(listed), dtype=bool)
+    listed_prints = listing.table.column("fingerprint").filter(pa.array(known))
+    rewritten = np.zeros(len(listing), dtype=bool)
     rewritten[known] = pc.not_equal(listed_prints, theirs).to_numpy(zero_copy_only=False)
     still_listed = np.zeros(versions.num_rows, dtype=bool)
     still_listed[at[known]] = True
     gone = versions.column("url").filter(pa.array(~still_listed))
     return Changes(
-        added=list(itertools.compress(listed, ~known)),
-        changed=list(itertools.compress(listed, rewritten)),
+        added=listing.take(np.flatnonzero(~known)),
+        changed=listing.take(np.flatnonzero(rewritten)),
         deleted=sorted(urls_of(gone)),
     )
 
@@ -270,20 +276,21 @@ def add_generation(
     from pipeline.io.run_record import save_run_record
 
     number = len(record["generations"])
-    entries = [(s, ADDED) for s in changes.added] + [(s, CHANGED) for s in changes.changed]
-    table = pa.table(
-        {
-            "url": url_column([s.url for s, _ in entries] + changes.deleted),
-            "shard": [_text(s.url) for s, _ in entries] + [_text(u) for u in changes.deleted],
-            "format": [s.format for s, _ in entries] + [None] * len(changes.deleted),
-            "size_bytes": [s.size_bytes for s, _ in entries] + [None] * len(changes.deleted),
-            "fingerprint": [s.fingerprint for s, _ in entries] + [None] * len(changes.deleted),
-            "generation": pa.array([number] * (len(entries) + len(changes.deleted)), pa.int32()),
-            "change": [c for _, c in entries] + [DELETED] * len(changes.deleted),
-        },
-        schema=INPUTS_SCHEMA,
+    tables = [_entries(changes.added, ADDED, number), _entries(changes.changed, CHANGED, number)]
+    deleted = url_column(changes.deleted)
+    tables.append(
+        pa.table(
+            {
+                "url": deleted,
+                "shard": _texts(deleted),
+                "generation": pa.repeat(pa.scalar(number, pa.int32()), len(deleted)),
+                "change": pa.repeat(pa.scalar(DELETED), len(deleted)),
+            }
+        )
     )
+    table = pa.concat_tables(tables, promote_options="default").select(INPUTS_SCHEMA.names).cast(INPUTS_SCHEMA)
     table = sorted_by_url(table)  # read back a batch of URLs at a time (sorted_facts.py)
+    entries = len(changes.added) + len(changes.changed)
     inputs_file = f"{INPUTS}/{number:06d}.parquet"
     atomic_write(fs, join(root, inputs_file), parquet_bytes(table, sorted_facts.BATCH_ROWS))
     record["generations"].append(
@@ -292,14 +299,40 @@ def add_generation(
             "input": input_url,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "refresh": refresh,
-            "shards": len(entries),
-            "bytes": sum(s.size_bytes for s, _ in entries),
+            "shards": entries,
+            "bytes": pc.sum(table.column("size_bytes")).as_py() or 0,
             **{f"shards_{kind}": n for kind, n in changes.counts().items()},
             "inputs_file": inputs_file,
         }
     )
     save_run_record(fs, root, record)
     return number
+
+
+def _entries(shards: Sequence[Shard], change: str, generation: int) -> pa.Table:
+    """These shards as entries (INPUTS_SCHEMA) of a generation, from the listing's columns."""
+    listing = shards.table if isinstance(shards, ShardListing) else ShardListing.of(shards).table
+    n = listing.num_rows
+    return pa.table(
+        {
+            "url": listing.column("url"),
+            "shard": _texts(listing.column("url")),
+            "format": listing.column("format"),
+            "size_bytes": listing.column("size_bytes"),
+            "fingerprint": listing.column("fingerprint"),
+            "generation": pa.repeat(pa.scalar(generation, pa.int32()), n),
+            "change": pa.repeat(pa.scalar(change), n),
+        }
+    )
+
+
+def _texts(urls: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """URLs (binary) as text, the shard column's form, without a Python string per URL when all are
+    UTF-8 (as they are but for a name no read can open)."""
+    try:
+        return pc.cast(urls, pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([_text(url) for url in urls_of(urls)], pa.string())
 
 
 def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:

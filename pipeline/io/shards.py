@@ -4,7 +4,7 @@ what changed."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -121,9 +121,28 @@ class ShardListing(Sequence):
             return self.table.equals(other.table)
         return isinstance(other, Sequence) and list(self) == list(other)
 
-    def take(self, indices) -> list[Shard]:
-        """The shards at these positions, as objects."""
-        return _shards(self.table.take(pa.array(indices, pa.int64())))
+    def __add__(self, other: Sequence[Shard]) -> ShardListing:
+        other = other if isinstance(other, ShardListing) else ShardListing.of(other)
+        return ShardListing(pa.concat_tables([self.table, other.table]))
+
+    def take(self, indices) -> ShardListing:
+        """The shards at these positions, in a listing of their own (a copy: it pickles small)."""
+        return ShardListing(self.table.take(pa.array(indices, pa.int64())))
+
+    @classmethod
+    def of(cls, shards: Iterable[Shard]) -> ShardListing:
+        """A listing of these shards, in their order."""
+        rows = [(s.url, s.relative_path, s.format, s.size_bytes, s.fingerprint) for s in shards]
+        urls, relative, formats, sizes, prints = (list(c) for c in zip(*rows, strict=True)) if rows else [[]] * 5
+        return ShardListing(_columns(urls, relative, formats, sizes, prints))
+
+    @property
+    def size_bytes(self) -> int:
+        """The listed shards' bytes together."""
+        return pc.sum(self.table.column("size_bytes")).as_py() or 0
+
+    def urls(self) -> list[str]:
+        return urls_of(self.table.column("url"))
 
 
 def _shards(table: pa.Table | pa.RecordBatch) -> list[Shard]:
@@ -192,6 +211,10 @@ def _listing_table(fs: fsspec.AbstractFileSystem, found: list[tuple], fingerprin
     if fingerprint_mode == "content":
         with ThreadPoolExecutor(max_workers=8) as pool:  # reading and hashing release the GIL
             prints = list(pool.map(content_fingerprint, [fs] * len(paths), paths, sizes))
+    return _columns(urls, relative, formats, sizes, prints)
+
+
+def _columns(urls: list, relative: list, formats: list, sizes: list, prints: list) -> pa.Table:
     return pa.table(
         {
             "url": url_column(urls),

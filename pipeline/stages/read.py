@@ -9,13 +9,16 @@ own, and any shard streams in bounded tables however big it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from pipeline.config import StorageConfig
 from pipeline.io.ranges import Range
 from pipeline.io.readers import ROW_SCHEMA, read_shard
-from pipeline.io.shards import Shard
+from pipeline.io.shards import Shard, ShardListing
 
 
 class ShardDatasource(Datasource):
@@ -29,7 +32,7 @@ class ShardDatasource(Datasource):
 
     def __init__(
         self,
-        shards: list[Shard],
+        shards: Sequence[Shard],
         text_field: str,
         id_field: str | None,
         storage: StorageConfig,
@@ -40,7 +43,7 @@ class ShardDatasource(Datasource):
         strict: bool = False,
         outcomes=None,
     ) -> None:
-        self._shards = shards
+        self._shards = shards if isinstance(shards, ShardListing) else ShardListing.of(shards)
         self._skip = skip or {}
         self._rejected = rejected or {}
         self._repeats = repeats
@@ -51,24 +54,26 @@ class ShardDatasource(Datasource):
         self._outcomes = outcomes
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(s.size_bytes for s in self._shards)
+        return self._shards.size_bytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        # No input_files: Ray only reports them, and the driver would hold every shard's URL for the run.
         return [
             ReadTask(
                 self._reader(group),
-                BlockMetadata(
-                    num_rows=None,
-                    size_bytes=sum(s.size_bytes for s in group),
-                    exec_stats=None,
-                    input_files=tuple(s.url for s in group),
-                ),
+                BlockMetadata(num_rows=None, size_bytes=group.size_bytes, exec_stats=None, input_files=None),
                 schema=ROW_SCHEMA,
             )
-            for group in group_by_bytes(self._shards, parallelism)
+            for group in self.groups(parallelism)
         ]
 
-    def _reader(self, group: list[Shard]):
+    def groups(self, parallelism: int) -> list[ShardListing]:
+        """The shards of each read task (byte_runs), each a listing of its own: a task pickles its own
+        shards' columns, never the whole listing's."""
+        sizes = self._shards.table.column("size_bytes").to_numpy()
+        return [self._shards.take(np.arange(start, stop)) for start, stop in byte_runs(sizes, parallelism)]
+
+    def _reader(self, group: ShardListing):
         # Capture plain values, not self: the closure is shipped to a read task.
         text_field, id_field, storage, strict, outcomes = (
             self._text_field,
@@ -77,13 +82,14 @@ class ShardDatasource(Datasource):
             self._strict,
             self._outcomes,
         )
-        skips = {s.url: self._skip[s.url] for s in group if s.url in self._skip}
-        rejected = {s.url: self._rejected[s.url] for s in group if s.url in self._rejected}
+        urls = group.urls() if self._skip or self._rejected else []
+        skips = {url: self._skip[url] for url in urls if url in self._skip}
+        rejected = {url: self._rejected[url] for url in urls if url in self._rejected}
         repeats = self._repeats
 
         def read():
             if repeats is not None:
-                rejected.update(repeats.for_shards([s.url for s in group]))
+                rejected.update(repeats.for_shards(group.urls()))
             recorder = outcomes.recorder() if outcomes is not None else None
             for shard in group:
                 yield from read_shard(
@@ -105,19 +111,18 @@ class ShardDatasource(Datasource):
         return read
 
 
-def group_by_bytes(shards: list[Shard], groups: int) -> list[list[Shard]]:
-    """Consecutive shards in about `groups` runs of similar bytes; a shard above a run's share stands
-    alone. At most one group per shard."""
-    if not shards:
+def byte_runs(sizes: np.ndarray, groups: int) -> list[tuple[int, int]]:
+    """Consecutive shards, by their sizes, in about `groups` runs (start, stop) of similar bytes; a
+    shard above a run's share stands alone. At most one run per shard."""
+    if not len(sizes):
         return []
-    weight = [max(1, s.size_bytes) for s in shards]  # an empty file still costs a request
-    share = sum(weight) / max(1, groups)
-    grouped: list[list[Shard]] = [[]]
-    size = 0
-    for shard, bytes_ in zip(shards, weight, strict=True):
-        if grouped[-1] and size + bytes_ > share:
-            grouped.append([])
-            size = 0
-        grouped[-1].append(shard)
+    weight = np.maximum(sizes, 1)  # an empty file still costs a request
+    share = weight.sum() / max(1, groups)
+    runs, start, size = [], 0, 0
+    for i, bytes_ in enumerate(weight.tolist()):
+        if i > start and size + bytes_ > share:
+            runs.append((start, i))
+            start, size = i, 0
         size += bytes_
-    return grouped
+    runs.append((start, len(weight)))
+    return runs
