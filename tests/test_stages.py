@@ -218,6 +218,33 @@ def test_an_s3_folder_is_listed_a_page_at_a_time_with_the_fingerprints_s3fs_give
     assert found.table.column("url").to_pylist() == sorted(found.table.column("url").to_pylist())
 
 
+@pytest.mark.parametrize(
+    "glob",
+    ["in/a/*.jsonl", "in/*", "in/*/", "in/**", "in/**/*.jsonl", "in/a*/0?1.jsonl", "in/[ab]/*", "i*", "in/*/x"],
+)
+def test_an_s3_glob_finds_what_fsspecs_glob_finds_listing_a_page_at_a_time(s3, monkeypatch, glob):
+    """A glob over a million keys is matched page by page, with fsspec's rules: a file it matches, and
+    every file below a folder it matches (with "/" after the folder's name when the glob ends so)."""
+    from pipeline.io import shards
+
+    monkeypatch.setattr(shards, "S3_PAGE_KEYS", 7)
+    names = [f"in/{d}/{i:03d}.jsonl" for d in ("a", "a-b", "a/x", "b", "é") for i in range(3)]
+    names += ["in/top.jsonl", "in/x", "in-other/c.jsonl", "in/b/x/deep.jsonl"]
+    s3.pipe({f"{s3.bucket}/{name}": b'{"text": "x"}\n' for name in names})
+    pattern = f"{s3.bucket}/{glob}"
+    fsspecs = sorted(
+        n for name, info in s3.glob(pattern, detail=True).items() for n, _ in shards._files(s3, name, info)
+    )
+    s3.invalidate_cache()
+    requests = []
+    call_s3 = s3.call_s3
+    monkeypatch.setattr(s3, "call_s3", lambda method, **kw: requests.append(method) or call_s3(method, **kw))
+    ours = [name for name, _ in shards._matched_files(s3, pattern)]
+    # fsspec names a file once for itself and again for each matched folder above it; discover_shards
+    # keeps one of each.
+    assert ours == sorted(set(fsspecs), key=str.encode) and requests and set(requests) == {"list_objects_v2"}
+
+
 def test_a_pack_as_large_as_the_runs_token_budget_reaches_the_model_whole(tmp_path, tiny_checkpoint, tiny_encoder):
     """--tokens-per-batch above the device's default: the embed stage runs each pack in one forward pass,
     as the pack stage cut it, instead of splitting it again under the Encoder's own default."""

@@ -4,6 +4,7 @@ what changed."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 from s3fs import S3FileSystem
 
 from pipeline.errors import NoInputError
@@ -164,8 +166,7 @@ def discover_shards(
     A folder, given or matched by a glob, is searched inside, whatever its name.
     """
     if any(ch in path for ch in "*?["):
-        matches = fs.glob(path, detail=True)
-        listed = (entry for name, info in matches.items() for entry in _files(fs, name, info))
+        listed = _matched_files(fs, path)
         root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
     elif fs.isdir(path):
         listed = _files(fs, path, {"type": "directory"})
@@ -252,12 +253,33 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
         yield from fs.find(path, detail=True).items()
 
 
-def _s3_objects(fs: S3FileSystem, path: str) -> Iterator[tuple[str, dict]]:
-    """(name, info) of every object below path, a page of S3_PAGE_KEYS at a time, in the order S3 lists
-    keys: by their UTF-8 bytes, which is the listing's order. Each page is a request of its own, retried
-    as s3fs retries any (call_s3)."""
+def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tuple[str, dict]]:
+    """(name, info) of every file a glob matches, or that is below a folder it matches. On S3, from a
+    listing a page at a time of the keys the glob's fixed start names, matched here as fsspec's glob
+    matches (fsspec.utils.glob_translate); elsewhere, fsspec's glob and a search in each folder."""
+    fixed = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)]
+    if not (isinstance(fs, S3FileSystem) and not fs.version_aware and "/" in fixed):
+        for name, info in fs.glob(pattern, detail=True).items():
+            yield from _files(fs, name, info)
+        return
+    root, stem = fixed.rsplit("/", 1)
+    # A folder is matched with a "/" after its name when the glob ends in one or in "/**", as fsspec does.
+    folder_end = "/" if pattern.endswith(("/", "/**")) else ""
+    matches = re.compile(glob_translate(pattern.rstrip("/") + ("/" if pattern.endswith("/") else ""))).match
+    for name, info in _s3_objects(fs, root, stem):
+        below = name[len(root) + 1 :].split("/")
+        folders = (f"{root}/{'/'.join(below[:depth])}{folder_end}" for depth in range(1, len(below)))
+        if matches(name) or any(matches(folder) for folder in folders):
+            yield name, info
+
+
+def _s3_objects(fs: S3FileSystem, path: str, stem: str = "") -> Iterator[tuple[str, dict]]:
+    """(name, info) of every object below path (whose name there starts with stem), a page of
+    S3_PAGE_KEYS at a time, in the order S3 lists keys: by their UTF-8 bytes, which is the listing's
+    order. Each page is a request of its own, retried as s3fs retries any (call_s3)."""
     bucket, key, _ = fs.split_path(path)
-    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": S3_PAGE_KEYS}
+    prefix = (key.rstrip("/") + "/" if key else "") + stem
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS}
     while True:
         page = fs.call_s3("list_objects_v2", **request)
         for entry in page.get("Contents", []):
