@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
@@ -130,6 +131,12 @@ class ShardListing(Sequence):
     def take(self, indices) -> ShardListing:
         """The shards at these positions, in a listing of their own (a copy: it pickles small)."""
         return ShardListing(self.table.take(pa.array(indices, pa.int64())))
+
+    def run_of(self, start: int, stop: int) -> ShardListing:
+        """The shards from start to stop, copied out of only the chunks they are in. (A take over the
+        whole listing joins all its chunks first: at 10^6 shards, a read task's 5,000 cost 30 ms and
+        the driver 2 MB each; a slice alone would pickle the whole listing's buffers.)"""
+        return ShardListing(self.table.slice(start, stop - start).take(pa.array(np.arange(stop - start))))
 
     @classmethod
     def of(cls, shards: Iterable[Shard]) -> ShardListing:

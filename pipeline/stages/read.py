@@ -71,7 +71,7 @@ class ShardDatasource(Datasource):
         """The shards of each read task (byte_runs), each a listing of its own: a task pickles its own
         shards' columns, never the whole listing's."""
         sizes = self._shards.table.column("size_bytes").to_numpy()
-        return [self._shards.take(np.arange(start, stop)) for start, stop in byte_runs(sizes, parallelism)]
+        return [self._shards.run_of(start, stop) for start, stop in byte_runs(sizes, parallelism)]
 
     def _reader(self, group: ShardListing):
         # Capture plain values, not self: the closure is shipped to a read task.
