@@ -172,3 +172,57 @@ def test_changes_since_keeps_the_listing_order_and_sorts_deletions():
     assert [s.url for s in changes.added] == ["s://new-2", "s://new-1"]
     assert [s.url for s in changes.changed] == ["s://z"]
     assert changes.deleted == ["s://gone-a", "s://gone-b"]
+
+
+def test_a_generations_entries_file_is_written_sorted_a_batch_at_a_time(tmp_path, monkeypatch):
+    """A million-shard first run writes its generation's entries from the listing's columns a batch at
+    a time, added, changed and deleted merged in URL byte order (a name that is not UTF-8 included),
+    into a file read back a row group at a time; its counts and bytes go into the run record."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from pipeline.io import generations, sorted_facts
+    from pipeline.io.generations import Changes, add_generation
+    from pipeline.io.layout import join
+    from pipeline.io.shards import ShardListing
+
+    monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
+    monkeypatch.setattr("pipeline.io.run_record.save_run_record", lambda fs, root, record: None)
+
+    def shard(url: str, size: int) -> Shard:
+        return Shard(url=url, relative_path=url[4:], format="jsonl", size_bytes=size, fingerprint=f"f{size}")
+
+    added = ShardListing.of([shard(f"s://a{i}", i) for i in range(5)] + [shard("s://\udce9-raw", 7)])
+    changed = ShardListing.of(
+        [shard("s://b", 10), shard("s://\ue000", 20), shard("s://\ue001", 0), shard("s://\ue002", 0)]
+    )
+    # Python puts the escaped byte F0 before U+E000 (EE 80 80); URL byte order puts it after.
+    deleted = sorted(["s://a1x", "s://\ue000-gone", "s://\ue001-gone", "s://\udcf0"])
+    record = {"generations": [{"generation": 0}]}
+    fs = fsspec.filesystem("file")
+    assert add_generation(fs, str(tmp_path), record, "s://", Changes(added, changed, deleted), refresh=True) == 1
+
+    parquet = pq.ParquetFile(join(str(tmp_path), record["generations"][1]["inputs_file"]))
+    assert sorted_facts.is_sorted(parquet.schema_arrow) and parquet.schema_arrow.remove_metadata() == INPUTS_SCHEMA
+    assert all(parquet.metadata.row_group(g).num_rows <= 2 for g in range(parquet.num_row_groups))
+    entries = parquet.read()
+    expected = [(s.url, ADDED, s.size_bytes) for s in added] + [(s.url, CHANGED, s.size_bytes) for s in changed]
+    expected += [(url, DELETED, None) for url in deleted]
+    expected.sort(key=lambda e: e[0].encode("utf-8", "surrogateescape"))
+    columns = (entries.column("change").to_pylist(), entries.column("size_bytes").to_pylist())
+    assert list(zip(urls_of(entries.column("url")), *columns, strict=True)) == expected
+    assert set(entries.column("generation").to_pylist()) == {1}
+    assert entries.column("shard").to_pylist() == [generations._text(url) for url, _, _ in expected]
+    assert record["generations"][1] | {"created": None} == {
+        "generation": 1,
+        "input": "s://",
+        "created": None,
+        "refresh": True,
+        "shards": 10,
+        "bytes": sum(range(5)) + 7 + 30,
+        "shards_added": 6,
+        "shards_changed": 4,
+        "shards_deleted": 4,
+        "inputs_file": "_inputs/000001.parquet",
+    }
+    assert generations.recorded_inputs(fs, str(tmp_path), {"generations": record["generations"][1:]}).num_rows == 14

@@ -22,6 +22,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.io import sorted_facts
 from pipeline.io.compaction import DONE, RANGE, shard_facts_in_batches
@@ -60,7 +61,7 @@ INPUTS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Changes:
-    added: Sequence[Shard]  # a ShardListing from plan_run
+    added: Sequence[Shard]  # from plan_run, ShardListings sorted by URL (add_generation relies on it)
     changed: Sequence[Shard]
     deleted: list[str]
 
@@ -276,31 +277,16 @@ def add_generation(
     from pipeline.io.run_record import save_run_record
 
     number = len(record["generations"])
-    tables = [_entries(changes.added, ADDED, number), _entries(changes.changed, CHANGED, number)]
-    deleted = url_column(changes.deleted)
-    tables.append(
-        pa.table(
-            {
-                "url": deleted,
-                "shard": _texts(deleted),
-                "generation": pa.repeat(pa.scalar(number, pa.int32()), len(deleted)),
-                "change": pa.repeat(pa.scalar(DELETED), len(deleted)),
-            }
-        )
-    )
-    table = pa.concat_tables(tables, promote_options="default").select(INPUTS_SCHEMA.names).cast(INPUTS_SCHEMA)
-    table = sorted_by_url(table)  # read back a batch of URLs at a time (sorted_facts.py)
-    entries = len(changes.added) + len(changes.changed)
     inputs_file = f"{INPUTS}/{number:06d}.parquet"
-    atomic_write(fs, join(root, inputs_file), parquet_bytes(table, sorted_facts.BATCH_ROWS))
+    atomic_write(fs, join(root, inputs_file), _entries_file(changes, number))
     record["generations"].append(
         {
             "generation": number,
             "input": input_url,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "refresh": refresh,
-            "shards": entries,
-            "bytes": pc.sum(table.column("size_bytes")).as_py() or 0,
+            "shards": len(changes.added) + len(changes.changed),
+            "bytes": _size_bytes(changes.added) + _size_bytes(changes.changed),
             **{f"shards_{kind}": n for kind, n in changes.counts().items()},
             "inputs_file": inputs_file,
         }
@@ -309,21 +295,55 @@ def add_generation(
     return number
 
 
-def _entries(shards: Sequence[Shard], change: str, generation: int) -> pa.Table:
-    """These shards as entries (INPUTS_SCHEMA) of a generation, from the listing's columns."""
-    listing = shards.table if isinstance(shards, ShardListing) else ShardListing.of(shards).table
-    n = listing.num_rows
-    return pa.table(
-        {
-            "url": listing.column("url"),
-            "shard": _texts(listing.column("url")),
-            "format": listing.column("format"),
-            "size_bytes": listing.column("size_bytes"),
-            "fingerprint": listing.column("fingerprint"),
-            "generation": pa.repeat(pa.scalar(generation, pa.int32()), n),
-            "change": pa.repeat(pa.scalar(change), n),
-        }
-    )
+def _entries_file(changes: Changes, generation: int) -> bytes:
+    """The generation's entries (INPUTS_SCHEMA) as a Parquet file sorted by URL, written a batch of URLs
+    at a time: added, changed (each sorted, as subsets of the listing) and deleted merged in step, so
+    that a million-shard first run never holds its entries whole."""
+    deleted = url_column(changes.deleted)
+    sources = [
+        _entry_batches(changes.added, ADDED, generation),
+        _entry_batches(changes.changed, CHANGED, generation),
+        [
+            sorted_by_url(  # as bytes: a name that is not UTF-8 sorts apart from Python's order
+                pa.table(
+                    {
+                        "url": deleted,
+                        "shard": _texts(deleted),
+                        "generation": pa.repeat(pa.scalar(generation, pa.int32()), len(deleted)),
+                        "change": pa.repeat(pa.scalar(DELETED), len(deleted)),
+                    }
+                )
+            )
+        ],
+    ]
+    schema = INPUTS_SCHEMA.with_metadata(sorted_facts.SORTED_BY)  # read back a batch at a time (file_batches)
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for step in in_step(sources, [INPUTS_SCHEMA.empty_table()] * len(sources)):
+            entries = pa.concat_tables(step, promote_options="default").select(INPUTS_SCHEMA.names)
+            writer.write_table(sorted_by_url(entries.cast(INPUTS_SCHEMA)).cast(schema), sorted_facts.BATCH_ROWS)
+    return sink.getvalue().to_pybytes()
+
+
+def _entry_batches(shards: Sequence[Shard], change: str, generation: int) -> Iterator[pa.Table]:
+    """These shards, sorted by URL, as entries (INPUTS_SCHEMA columns) of a generation, a batch at a time."""
+    listing = shards.table if isinstance(shards, ShardListing) else sorted_by_url(ShardListing.of(shards).table)
+    for batch in listing.to_batches(max_chunksize=sorted_facts.BATCH_ROWS):
+        yield pa.table(
+            {
+                "url": batch.column("url"),
+                "shard": _texts(batch.column("url")),
+                "format": batch.column("format"),
+                "size_bytes": batch.column("size_bytes"),
+                "fingerprint": batch.column("fingerprint"),
+                "generation": pa.repeat(pa.scalar(generation, pa.int32()), batch.num_rows),
+                "change": pa.repeat(pa.scalar(change), batch.num_rows),
+            }
+        )
+
+
+def _size_bytes(shards: Sequence[Shard]) -> int:
+    return shards.size_bytes if isinstance(shards, ShardListing) else sum(s.size_bytes for s in shards)
 
 
 def _texts(urls: pa.ChunkedArray | pa.Array) -> pa.Array:
