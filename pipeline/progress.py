@@ -40,8 +40,9 @@ class ProgressCounters:
     """Seconds from this actor's start to the first embedded pack: workers started, model loaded."""
     first_batch_tokens: int = 0
 
-    def shard_read(self, size_bytes: int, rows: int) -> None:
-        self.shards_read += 1
+    def shard_read(self, size_bytes: int, rows: int, shards: int = 1) -> None:
+        """shards more read to their end (or failed part way), of size_bytes and rows together."""
+        self.shards_read += shards
         self.bytes_read += size_bytes
         self.rows_in_shards_read += rows
 

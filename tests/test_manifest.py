@@ -84,7 +84,8 @@ def test_a_read_task_ships_its_own_shards_not_the_whole_listing(tmp_path):
     assert max(len(cloudpickle.dumps(task)) for task in tasks) < listing_bytes / 3
 
 
-def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_read_record(tmp_path):
+def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_read_record(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.stages.reports.REPORT_EVERY_S", 3600.0)
     write_corpus(tmp_path / "in", small=300)
     fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
     shards = discover_shards(fs, path)
@@ -107,7 +108,13 @@ def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_r
     assert done_facts(read_state(out_fs, root)) == {
         (s.url, s.fingerprint): (400 if "huge" in s.url else 3) for s in shards
     }
-    assert len(progress.calls) == len(shards)
+    # Counted for the progress actor in one call per task here (REPORT_EVERY_S: an hour), not one a shard.
+    assert len(progress.calls) == len(tasks)
+    assert [sum(column) for column in zip(*progress.calls, strict=True)] == [
+        shards.size_bytes,
+        300 * 3 + 400,
+        len(shards),
+    ]
 
 
 def committed_output(tmp_path, parts: int = 6, first: int = 0):

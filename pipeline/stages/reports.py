@@ -8,6 +8,7 @@ counted by the job's progress actor. Light to import: the read tasks that call t
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
@@ -18,6 +19,10 @@ from pipeline.io.shards import Shard
 from pipeline.io.storage import filesystem_for
 
 log = logging.getLogger(__name__)
+
+# How often a read task tells the progress actor what it read: a call per shard took a fifth of a
+# read task's time on a million 2-row shards (py-spy, benchmarks/RESULTS.md).
+REPORT_EVERY_S = 1.0
 
 
 class ShardOutcomes:
@@ -43,17 +48,31 @@ class TaskOutcomes:
         self.outcomes = outcomes
         self.done: list[ShardDone] = []
         self.failures: list[FileFailure] = []
+        self.unreported = [0, 0, 0]  # bytes, rows, shards read since the last report
+        self.next_report = time.monotonic() + REPORT_EVERY_S
 
     def read_to_end(self, shard: Shard, rows: int) -> None:
         self.done.append(ShardDone(shard.url, shard.fingerprint, rows))
-        self.outcomes.progress.shard_read.remote(shard.size_bytes, rows)
+        self._count(shard.size_bytes, rows)
 
     def failed(self, shard: Shard, rows_read: int, problem: FileProblem) -> None:
         log.warning("%s: %s after %d rows (%s)", shard.url, problem.message, rows_read, problem.reason)
         self.failures.append(FileFailure(shard.url, shard.fingerprint, rows_read, problem.reason, problem.message))
-        self.outcomes.progress.shard_read.remote(shard.size_bytes, rows_read)
+        self._count(shard.size_bytes, rows_read)
+
+    def _count(self, size_bytes: int, rows: int) -> None:
+        self.unreported = [self.unreported[0] + size_bytes, self.unreported[1] + rows, self.unreported[2] + 1]
+        if time.monotonic() >= self.next_report:
+            self._report()
+
+    def _report(self) -> None:
+        if self.unreported[2]:
+            self.outcomes.progress.shard_read.remote(*self.unreported)
+        self.unreported = [0, 0, 0]
+        self.next_report = time.monotonic() + REPORT_EVERY_S
 
     def close(self) -> None:
+        self._report()
         if self.done or self.failures:
             fs, root = filesystem_for(self.outcomes.output_url, self.outcomes.storage)
             write_read_record(fs, root, self.done, self.failures)
