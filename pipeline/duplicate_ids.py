@@ -23,7 +23,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.io.layout import DUPLICATES, atomic_write, exists_now, join
-from pipeline.io.shards import Shard
+from pipeline.io.shards import ShardListing
 from pipeline.io.storage import filesystem_for
 from pipeline.stages.read import ShardDatasource
 
@@ -64,7 +64,7 @@ class RepeatedRows:
         return rejected
 
 
-def rows_to_reject(config: JobConfig, shards: list[Shard]) -> RepeatedRows | None:
+def rows_to_reject(config: JobConfig, shards: ShardListing) -> RepeatedRows | None:
     """With duplicate_ids flag or reject: list repeated ids in duplicates/ (once per input); for
     reject, where the read tasks find the rows to dead-letter."""
     if config.duplicate_ids == "keep":
@@ -95,7 +95,7 @@ def _rows_written(fs, folder: str) -> int:
         return 0
 
 
-def input_digest(shards: list[Shard]) -> str:
+def input_digest(shards: ShardListing) -> str:
     """What the input was: every shard's URL and fingerprint."""
     digest = hashlib.sha256()
     for shard in shards:
@@ -103,7 +103,7 @@ def input_digest(shards: list[Shard]) -> str:
     return digest.hexdigest()
 
 
-def find_duplicate_ids(shards: list[Shard], text_field: str, id_field: str, storage: StorageConfig):
+def find_duplicate_ids(shards: ShardListing, text_field: str, id_field: str, storage: StorageConfig):
     """A dataset of every occurrence of a repeated id except its first, with where the first one is
     (DUPLICATES_SCHEMA), computed on the cluster."""
     rows = ray.data.read_datasource(ShardDatasource(shards, text_field, id_field, storage)).map_batches(

@@ -184,7 +184,7 @@ def _changes_to_record(config: JobConfig, changes: Changes, latest: int) -> Chan
             len(changes.deleted),
             changes.deleted[0],
         )
-    return Changes(changes.added, [], [])
+    return Changes(changes.added, changes.added.take([]), [])
 
 
 def _described(changes: Changes) -> str:

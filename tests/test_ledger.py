@@ -10,7 +10,7 @@ from pipeline.io.generations import ADDED, CHANGED, DELETED, INPUTS_SCHEMA, chan
 from pipeline.io.layout import url_column, urls_of
 from pipeline.io.ledger import RANGES_SCHEMA, committed, current_versions, ledger, unique_done
 from pipeline.io.ranges import count_rows, merge_ranges, overlaps
-from pipeline.io.shards import Shard
+from pipeline.io.shards import Shard, ShardListing
 
 
 def ranges_table(ranges: dict[tuple[str, int], list[tuple[int, int]]]) -> pa.Table:
@@ -168,7 +168,7 @@ def test_changes_since_keeps_the_listing_order_and_sorts_deletions():
 
     current = versions_table([("s://z", 0, "z"), ("s://a", 0, "a"), ("s://gone-b", 0, "b"), ("s://gone-a", 0, "a")])
     listed = [shard("s://z", "z2"), shard("s://new-2", "n"), shard("s://a", "a"), shard("s://new-1", "n")]
-    changes = changes_since(current, listed)
+    changes = changes_since(current, ShardListing.of(listed))
     assert [s.url for s in changes.added] == ["s://new-2", "s://new-1"]
     assert [s.url for s in changes.changed] == ["s://z"]
     assert changes.deleted == ["s://gone-a", "s://gone-b"]
@@ -184,7 +184,6 @@ def test_a_generations_entries_file_is_written_sorted_a_batch_at_a_time(tmp_path
     from pipeline.io import generations, sorted_facts
     from pipeline.io.generations import Changes, add_generation
     from pipeline.io.layout import join
-    from pipeline.io.shards import ShardListing
 
     monkeypatch.setattr(sorted_facts, "BATCH_ROWS", 2)
     monkeypatch.setattr("pipeline.io.run_record.save_run_record", lambda fs, root, record: None)

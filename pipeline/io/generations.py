@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -40,7 +40,7 @@ from pipeline.io.ledger import (
 )
 from pipeline.io.manifest import FileFailure, OutputState
 from pipeline.io.ranges import Range, merge_ranges
-from pipeline.io.shards import Shard, ShardListing
+from pipeline.io.shards import ShardListing
 from pipeline.io.sorted_facts import file_batches, in_step, sorted_by_url
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ INPUTS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class Changes:
-    added: Sequence[Shard]  # from plan_run, ShardListings sorted by URL (add_generation relies on it)
-    changed: Sequence[Shard]
+    added: ShardListing  # sorted by URL, as the listing they are taken from (add_generation relies on it)
+    changed: ShardListing
     deleted: list[str]
 
     def __bool__(self) -> bool:
@@ -249,10 +249,9 @@ def _ranges_by_generation(ranges: pa.Table) -> dict[int, dict[str, list[Range]]]
     return {g: {url: merge_ranges(rs) for url, rs in shards.items()} for g, shards in by_generation.items()}
 
 
-def changes_since(versions: pa.Table, listed: Sequence[Shard]) -> Changes:
+def changes_since(versions: pa.Table, listing: ShardListing) -> Changes:
     """What the listing adds to, changes in and removes from the current input (versions), the whole
     listing at once (plan_run does it a batch at a time)."""
-    listing = listed if isinstance(listed, ShardListing) else ShardListing.of(listed)
     at = positions(listing.table.column("url"), versions.column("url"))
     known = at >= 0
     theirs = versions.column("fingerprint").take(pa.array(at[known]))
@@ -286,7 +285,7 @@ def add_generation(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "refresh": refresh,
             "shards": len(changes.added) + len(changes.changed),
-            "bytes": _size_bytes(changes.added) + _size_bytes(changes.changed),
+            "bytes": changes.added.size_bytes + changes.changed.size_bytes,
             **{f"shards_{kind}": n for kind, n in changes.counts().items()},
             "inputs_file": inputs_file,
         }
@@ -325,10 +324,9 @@ def _entries_file(changes: Changes, generation: int) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _entry_batches(shards: Sequence[Shard], change: str, generation: int) -> Iterator[pa.Table]:
+def _entry_batches(shards: ShardListing, change: str, generation: int) -> Iterator[pa.Table]:
     """These shards, sorted by URL, as entries (INPUTS_SCHEMA columns) of a generation, a batch at a time."""
-    listing = shards.table if isinstance(shards, ShardListing) else sorted_by_url(ShardListing.of(shards).table)
-    for batch in listing.to_batches(max_chunksize=sorted_facts.BATCH_ROWS):
+    for batch in shards.table.to_batches(max_chunksize=sorted_facts.BATCH_ROWS):
         yield pa.table(
             {
                 "url": batch.column("url"),
@@ -340,10 +338,6 @@ def _entry_batches(shards: Sequence[Shard], change: str, generation: int) -> Ite
                 "change": pa.repeat(pa.scalar(change), batch.num_rows),
             }
         )
-
-
-def _size_bytes(shards: Sequence[Shard]) -> int:
-    return shards.size_bytes if isinstance(shards, ShardListing) else sum(s.size_bytes for s in shards)
 
 
 def _texts(urls: pa.ChunkedArray | pa.Array) -> pa.Array:

@@ -124,8 +124,7 @@ class ShardListing(Sequence):
             return self.table.equals(other.table)
         return isinstance(other, Sequence) and list(self) == list(other)
 
-    def __add__(self, other: Sequence[Shard]) -> ShardListing:
-        other = other if isinstance(other, ShardListing) else ShardListing.of(other)
+    def __add__(self, other: ShardListing) -> ShardListing:
         return ShardListing(pa.concat_tables([self.table, other.table]))
 
     def take(self, indices) -> ShardListing:
@@ -174,7 +173,7 @@ def discover_shards(
     """
     if any(ch in path for ch in "*?["):
         listed = _matched_files(fs, path)
-        root = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        root = _before_wildcard(path).rsplit("/", 1)[0]
     elif fs.isdir(path):
         listed = _files(fs, path, {"type": "directory"})
         root = path.rstrip("/")
@@ -264,7 +263,7 @@ def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tupl
     """(name, info) of every file a glob matches, or that is below a folder it matches. On S3, from a
     listing a page at a time of the keys the glob's fixed start names, matched here as fsspec's glob
     matches (fsspec.utils.glob_translate); elsewhere, fsspec's glob and a search in each folder."""
-    fixed = pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)]
+    fixed = _before_wildcard(pattern)
     if not (isinstance(fs, S3FileSystem) and not fs.version_aware and "/" in fixed):
         for name, info in fs.glob(pattern, detail=True).items():
             yield from _files(fs, name, info)
@@ -278,6 +277,11 @@ def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tupl
         folders = (f"{root}/{'/'.join(below[:depth])}{folder_end}" for depth in range(1, len(below)))
         if matches(name) or any(matches(folder) for folder in folders):
             yield name, info
+
+
+def _before_wildcard(pattern: str) -> str:
+    """A glob's fixed start: everything before its first wildcard."""
+    return pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)]
 
 
 def _s3_objects(fs: S3FileSystem, path: str, stem: str = "") -> Iterator[tuple[str, dict]]:

@@ -9,8 +9,6 @@ own, and any shard streams in bounded tables however big it is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -18,7 +16,7 @@ from ray.data.block import BlockMetadata
 from pipeline.config import StorageConfig
 from pipeline.io.ranges import Range
 from pipeline.io.readers import ROW_SCHEMA, read_shard
-from pipeline.io.shards import Shard, ShardListing
+from pipeline.io.shards import ShardListing
 
 
 class ShardDatasource(Datasource):
@@ -32,7 +30,7 @@ class ShardDatasource(Datasource):
 
     def __init__(
         self,
-        shards: Sequence[Shard],
+        shards: ShardListing,
         text_field: str,
         id_field: str | None,
         storage: StorageConfig,
@@ -43,7 +41,7 @@ class ShardDatasource(Datasource):
         strict: bool = False,
         outcomes=None,
     ) -> None:
-        self._shards = shards if isinstance(shards, ShardListing) else ShardListing.of(shards)
+        self._shards = shards
         self._skip = skip or {}
         self._rejected = rejected or {}
         self._repeats = repeats
