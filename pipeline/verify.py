@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -10,23 +11,32 @@ import pyarrow.compute as pc
 
 from pipeline.config import DEFAULT_MAX_ERROR_RATE, StorageConfig
 from pipeline.errors import NoInputError, as_pipeline_error
-from pipeline.io.current import current_parts
-from pipeline.io.generations import changes_since, recorded_inputs
+from pipeline.io.generations import FailedReads, LedgerStep, changes_since, ledger_steps
 from pipeline.io.layout import ERRORS, PARTS, QUARANTINE, RUN_RECORD, urls_of
 from pipeline.io.lease import acquire_lease, lease_supported
-from pipeline.io.ledger import INPUT_COLUMNS, among, committed, current_versions, ledger, recorded_versions
-from pipeline.io.manifest import OutputState, read_state
+from pipeline.io.ledger import among
+from pipeline.io.manifest import FileFailure, OutputState, read_state
 from pipeline.io.ranges import count_rows, merge_ranges, missing, overlaps
 from pipeline.io.recovery import RepairReport, repair
 from pipeline.io.run_record import read_run_record
 from pipeline.io.schemas import ERROR_ROWS_SCHEMA, ERRORS_SCHEMA, output_schema
 from pipeline.io.shards import LISTING_SCHEMA, ShardListing, discover_shards
 from pipeline.io.storage import filesystem_for
-from pipeline.part_checks import check_parts, check_parts_here, repeated_ids, repeated_ids_here, schema_shape
+from pipeline.part_checks import (
+    PartClaims,
+    check_parts,
+    check_parts_here,
+    repeated_ids,
+    repeated_ids_here,
+    schema_shape,
+)
 from pipeline.ray_session import ray_for_checks
 from pipeline.summary import bad_row_rate
 
 MAX_LISTED = 5
+MAX_PROBLEM_LINES = 100
+"""Lines of one kind of problem with a shard, before the rest are counted on one line."""
+LISTING_FINGERPRINTS = pa.schema([LISTING_SCHEMA.field("url"), LISTING_SCHEMA.field("fingerprint")])
 # Outputs up to this many rows are checked in this process: their ids fit in a few MB, and starting
 # a local Ray would take longer than the whole check.
 LOCAL_CHECK_ROWS = 100_000
@@ -91,88 +101,155 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
     if record is None:
         report.problems.append(f"{output_url} has no {RUN_RECORD}: not an output of neobert-pipeline")
         return
-    state = read_state(fs, root)
-    inputs = recorded_inputs(fs, root, record, INPUT_COLUMNS)
-    state.current = current_versions(inputs)
+    settings = record["settings"]
+    # The checkpoint's per-shard facts stay in its file: they are read a batch of URLs at a time below.
+    state = read_state(fs, root, shard_facts=False)
     _check_files(state, report)
-    _check_part_contents(output_url, storage, state, record["settings"], sample, local_rows, report)
-    total_rows, superseded_rows, superseded, failed = _check_versions(state, inputs, report)
+    published = [c for c in state.commits if not state.unpublished(c)]
+    checked = published if sample is None else random.sample(published, min(sample, len(published)))
+    on_cluster = sample is None and state.committed_rows > local_rows  # else here: faster than starting Ray
+    roots = sorted({g["input"] for g in record["generations"]}) if check_inputs else []
+    mode = settings.get("fingerprint", "store")
+    listings = tuple(_listing(root, storage, mode) for root in roots)
+    with ray_for_checks() if on_cluster else contextlib.nullcontext():
+        claims = PartClaims(checked, distributed=on_cluster)
+        versions, inputs = _VersionChecks(state), _InputChecks()
+        for step in ledger_steps(fs, root, record, state, listings):
+            claims.add(step.ranges, among(step.ranges, step.shards))
+            versions.add(step)
+            if check_inputs:
+                inputs.add(step.shards, pa.concat_tables([LISTING_FINGERPRINTS.empty_table(), *step.more]))
+        _check_part_contents(output_url, storage, claims, settings, on_cluster, sample is None, report)
+    if sample is not None:
+        report.facts.append(
+            f"sampled {len(checked)} of {len(published)} parts; ids were not checked for repeats (a full verify does)"
+        )
+    versions.report_to(report)
     if check_inputs:
-        roots = sorted({g["input"] for g in record["generations"]})
-        _check_fingerprints(roots, state.current, storage, record["settings"].get("fingerprint", "store"), report)
+        inputs.report_to(report, mode)
 
     dead = sum(c.error_rows for c in state.commits)
-    _check_dead_letter_rate(record, state, report)
+    _check_dead_letter_rate(record, state, versions.failed_reads.of_current_versions(), report)
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
-        f"{state.current.num_rows} current input shards with {total_rows:,} rows; "
+        f"{versions.current:,} current input shards with {versions.total_rows:,} rows; "
         f"{len(record['generations'])} generations"
     )
-    if superseded:
+    if versions.superseded:
         report.facts.append(
-            f"{superseded_rows:,} rows of {superseded} shard versions changed or deleted since are superseded "
-            "(not current; vacuum removes parts that hold nothing else)"
+            f"{versions.superseded_rows:,} rows of {versions.superseded} shard versions changed or deleted since "
+            "are superseded (not current; vacuum removes parts that hold nothing else)"
         )
-    if failed:
-        report.facts.append(f"{len(failed)} files failed part way: {_first(failed)}")
+    if versions.failed.count:
+        report.facts.append(f"{versions.failed.count} files failed part way: {versions.failed}")
 
 
-def _check_versions(state: OutputState, inputs: pa.Table, report: VerifyReport) -> tuple[int, int, int, list[str]]:
+class _Listed:
+    """How many of something, and the first few (in the URL order the steps come in), for a report
+    line: the driver keeps MAX_LISTED of a million."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, []
+
+    def extend(self, items: list) -> None:
+        self.count += len(items)
+        self.first.extend(items[: max(0, MAX_LISTED - len(self.first))])
+
+    def __str__(self) -> str:
+        return _first(self.first, self.count)
+
+
+class _Problems:
+    """Problems of one kind, one line per shard, up to MAX_PROBLEM_LINES of them; the rest counted on
+    one more line (a crashed run of a million shards is not a million lines)."""
+
+    def __init__(self, more: str) -> None:
+        self.lines: list[str] = []
+        self.more, self.count = more, 0
+
+    def append(self, line: str) -> None:
+        self.count += 1
+        if len(self.lines) < MAX_PROBLEM_LINES:
+            self.lines.append(line)
+
+    def report_to(self, report: VerifyReport) -> None:
+        report.problems.extend(self.lines)
+        if self.count > len(self.lines):
+            report.problems.append(f"and {self.count - len(self.lines):,} more {self.more}")
+
+
+class _VersionChecks:
     """Every version of every shard: its rows committed at most once in its generation; the current
-    version's every row committed exactly once (embedded or dead-lettered). Checked as columns (ledger.py);
-    only the versions with something to say come back to Python. (total current rows, superseded rows,
-    superseded versions, files that failed part way)."""
-    ranges = state.ranges()
-    per_version = committed(ranges)
-    recorded = recorded_versions(inputs)
-    now, known = among(per_version, state.current), among(per_version, recorded)
-    merged = per_version.column("merged").to_numpy()
-    superseded = recorded.num_rows - state.current.num_rows
-    superseded_rows = int(merged[known & ~now].sum())
+    version's every row committed exactly once (embedded or dead-lettered). Checked as columns
+    (ledger.py), a batch of URLs at a time; only the versions with something to say come back to
+    Python."""
 
-    doubled = per_version.filter(per_version.column("overlapping"))
-    for url, generation, found in _version_ranges(ranges, doubled):
-        report.problems.append(
-            f"{url}: rows {_ranges(overlaps(found))} committed more than once in generation {generation}"
+    def __init__(self, state: OutputState) -> None:
+        self.file_failures = state.file_failures
+        self.failed_reads = FailedReads(state)
+        self.current = self.total_rows = self.superseded = self.superseded_rows = 0
+        self.doubled = _Problems("shards with rows committed more than once")
+        self.incomplete = _Problems("shards with rows missing or not read to their end")
+        self.failed, self.strays = _Listed(), _Listed()
+
+    def add(self, step: LedgerStep) -> None:
+        per_version, shards = step.committed, step.shards
+        self.failed_reads.add(shards)
+        now, known = among(per_version, shards), among(per_version, step.recorded)
+        merged = per_version.column("merged").to_numpy()
+        self.current += shards.num_rows
+        self.superseded += step.recorded.num_rows - shards.num_rows
+        self.superseded_rows += int(merged[known & ~now].sum())
+
+        doubled = per_version.filter(per_version.column("overlapping"))
+        for url, generation, found in _version_ranges(step.ranges, doubled):
+            self.doubled.append(
+                f"{url}: rows {_ranges(overlaps(found))} committed more than once in generation {generation}"
+            )
+        self.total_rows += pc.sum(shards.filter(shards.column("complete")).column("rows")).as_py() or 0
+        todo = shards.filter(pc.invert(shards.column("complete")))
+        version_of = dict(
+            zip(
+                urls_of(todo.column("url")),
+                zip(todo.column("rows").to_pylist(), todo.column("fingerprint").to_pylist(), strict=True),
+                strict=True,
+            )
+        )
+        failed = []
+        for url, _, found in _version_ranges(step.ranges, todo):
+            committed_rows, (done, fingerprint) = merge_ranges(found), version_of[url]
+            failure = self.file_failures.get((url, fingerprint))
+            if done is None and failure is not None:
+                # Accounted for as a file: its rows before the failure must each be committed once.
+                gaps = missing(committed_rows, failure.rows_read)
+                if gaps:
+                    self.incomplete.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
+                failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
+                self.total_rows += failure.rows_read
+            elif done is None:
+                self.incomplete.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
+            else:
+                self.total_rows += done
+                gaps = missing(committed_rows, done)
+                if gaps:
+                    self.incomplete.append(f"{url}: {count_rows(gaps)} of {done} rows missing, rows {_ranges(gaps)}")
+        self.failed.extend(failed)
+        strays = per_version.filter(pa.array(~known))
+        self.strays.extend(
+            sorted(
+                f"{url} (generation {g})"
+                for url, g in zip(urls_of(strays.column("url")), strays.column("generation").to_pylist(), strict=True)
+            )
         )
 
-    shards = ledger(state.current, state.done, per_version)
-    total_rows = pc.sum(shards.filter(shards.column("complete")).column("rows")).as_py() or 0
-    failed: list[str] = []
-    todo = shards.filter(pc.invert(shards.column("complete")))
-    version_of = dict(
-        zip(
-            urls_of(todo.column("url")),
-            zip(todo.column("rows").to_pylist(), todo.column("fingerprint").to_pylist(), strict=True),
-            strict=True,
-        )
-    )
-    for url, _, found in _version_ranges(ranges, todo):
-        committed_rows, (done, fingerprint) = merge_ranges(found), version_of[url]
-        failure = state.file_failures.get((url, fingerprint))
-        if done is None and failure is not None:
-            # Accounted for as a file: its rows before the failure must each be committed once.
-            gaps = missing(committed_rows, failure.rows_read)
-            if gaps:
-                report.problems.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
-            failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
-            total_rows += failure.rows_read
-        elif done is None:
-            report.problems.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
-        else:
-            total_rows += done
-            gaps = missing(committed_rows, done)
-            if gaps:
-                report.problems.append(f"{url}: {count_rows(gaps)} of {done} rows missing, rows {_ranges(gaps)}")
-    strays = per_version.filter(pa.array(~known))
-    unknown = sorted(
-        f"{url} (generation {g})"
-        for url, g in zip(urls_of(strays.column("url")), strays.column("generation").to_pylist(), strict=True)
-    )
-    if unknown:
-        report.problems.append(f"{len(unknown)} committed shards are not among the recorded inputs: {_first(unknown)}")
-    return total_rows, superseded_rows, superseded, failed
+    def report_to(self, report: VerifyReport) -> None:
+        self.doubled.report_to(report)
+        self.incomplete.report_to(report)
+        if self.strays.count:
+            report.problems.append(
+                f"{self.strays.count} committed shards are not among the recorded inputs: {self.strays}"
+            )
 
 
 def _version_ranges(ranges: pa.Table, versions: pa.Table) -> list[tuple[str, int, list]]:
@@ -187,12 +264,48 @@ def _version_ranges(ranges: pa.Table, versions: pa.Table) -> list[tuple[str, int
     return [(url, g, by_version.get((url, g), [])) for url, g in sorted(keys)]
 
 
+class _InputChecks:
+    """Each current version's fingerprint against the input's listing now, a batch of URLs at a time
+    (not a request per shard)."""
+
+    def __init__(self) -> None:
+        self.gone, self.changed = _Listed(), _Listed()
+
+    def add(self, current: pa.Table, listed: pa.Table) -> None:
+        changes = changes_since(current, ShardListing(listed))
+        self.gone.extend(changes.deleted)
+        self.changed.extend(changes.changed.urls())
+
+    def report_to(self, report: VerifyReport, mode: str) -> None:
+        if self.gone.count:
+            report.facts.append(
+                f"{self.gone.count} input shards no longer exist (their embeddings stay current until a --refresh "
+                f"records them as deleted): {self.gone}"
+            )
+        if self.changed.count:
+            report.problems.append(
+                f"{self.changed.count} input shards changed since they were embedded: {self.changed}; a --refresh "
+                "run embeds them again"
+            )
+        else:
+            report.facts.append(f"input fingerprints unchanged ({mode})")
+
+
+def _listing(root: str, storage: StorageConfig, mode: str) -> pa.Table:
+    """The url and fingerprint of every shard under an input root now, sorted by URL; none where every
+    shard under it is gone (reported as deleted)."""
+    fs, path = filesystem_for(root, storage)
+    try:
+        return discover_shards(fs, path, fingerprint_mode=mode).table.select(LISTING_FINGERPRINTS.names)
+    except NoInputError:
+        return LISTING_FINGERPRINTS.empty_table()
+
+
 def _check_part_contents(
-    output_url, storage, state: OutputState, settings: dict, sample: int | None, local_rows, report
+    output_url, storage, claims: PartClaims, settings: dict, on_cluster: bool, every_part: bool, report
 ) -> None:
-    """Each published part holds exactly its record's rows in the recorded schema; no id in two current
-    rows. On the cluster (part_checks.py); here for an output of at most local_rows rows, or for a
-    random sample of parts."""
+    """Each part checked holds exactly its record's rows in the recorded schema; no id in two current
+    rows (unless only a sample of parts is checked). On the cluster (part_checks.py), or here."""
     chunks = settings.get("long_documents") == "chunk"
     expected = {
         # Parts written before manifest version 2 have no generation column: both are right.
@@ -202,28 +315,22 @@ def _check_part_contents(
         ],
         ERRORS: [schema_shape(ERRORS_SCHEMA), schema_shape(ERROR_ROWS_SCHEMA)],
     }
-    published = [c for c in state.commits if not state.unpublished(c)]
-    parts_of_view = current_parts(published, state.current)
-    policy = settings.get("duplicate_ids", "keep")
     # Without an id field, ids are shard#row: unique exactly when every row is committed once.
-    check_ids = bool(settings.get("id_field"))
-    if sample is not None:
-        chosen = random.sample(published, min(sample, len(published)))
-        found = check_parts_here(output_url, storage, chosen, expected, chunks=chunks)
-        report.facts.append(
-            f"sampled {len(chosen)} of {len(published)} parts; ids were not checked for repeats (a full verify does)"
-        )
-    elif state.committed_rows <= local_rows:  # small: here, in less time than Ray takes to start
-        found = check_parts_here(output_url, storage, published, expected, chunks=chunks)
+    check_ids = bool(settings.get("id_field")) and every_part
+    policy = settings.get("duplicate_ids", "keep")
+    if on_cluster:
+        parts = claims.on_cluster()
+        found = check_parts(parts, output_url, storage, expected, chunks=chunks)
         if check_ids:
-            repeated = repeated_ids_here(output_url, storage, parts_of_view, chunks=chunks, examples=MAX_LISTED)
-            _report_repeats(*repeated, policy, report)
+            _report_repeats(
+                *repeated_ids(parts, output_url, storage, chunks=chunks, examples=MAX_LISTED), policy, report
+            )
     else:
-        with ray_for_checks():
-            found = check_parts(output_url, storage, published, expected, chunks=chunks)
-            if check_ids:
-                repeated = repeated_ids(output_url, storage, parts_of_view, chunks=chunks, examples=MAX_LISTED)
-                _report_repeats(*repeated, policy, report)
+        parts = claims.here()
+        found = check_parts_here(parts, output_url, storage, expected, chunks=chunks)
+        if check_ids:
+            repeated = repeated_ids_here(parts, output_url, storage, chunks=chunks, examples=MAX_LISTED)
+            _report_repeats(*repeated, policy, report)
     report.problems.extend(problem for _, problem in sorted(found))
 
 
@@ -267,12 +374,12 @@ def _check_files(state: OutputState, report: VerifyReport) -> None:
         )
 
 
-def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
+def _check_dead_letter_rate(record: dict, state, failed: list[FileFailure], report: VerifyReport) -> None:
     """Dead letters are accounted for, but an output of little else is no success."""
     rows = state.committed_rows
     ceiling = record["runs"][-1].get("max_error_rate", DEFAULT_MAX_ERROR_RATE) if record.get("runs") else None
     ceiling = DEFAULT_MAX_ERROR_RATE if ceiling is None else ceiling
-    rate = bad_row_rate(state.error_counts(), rows)
+    rate = bad_row_rate(state.error_counts(failed), rows)
     if rows and not state.embedded_rows:
         report.problems.append(f"nothing is embedded: all {rows:,} input rows were dead-lettered; see {ERRORS}/")
     elif rate > ceiling:
@@ -284,38 +391,11 @@ def _check_dead_letter_rate(record: dict, state, report: VerifyReport) -> None:
         report.facts.append(f"bad-input dead-letter rate {rate:.2%}, within the {ceiling:.2%} allowed")
 
 
-def _check_fingerprints(
-    roots: list[str], recorded: pa.Table, storage: StorageConfig, mode: str, report: VerifyReport
-) -> None:
-    """Each recorded shard's fingerprint now (recorded: the current versions), from one listing of each
-    input root (not a request per shard)."""
-    listings = []
-    for root in roots:
-        fs, path = filesystem_for(root, storage)
-        try:
-            listings.append(discover_shards(fs, path, fingerprint_mode=mode).table)
-        except NoInputError:
-            pass  # every shard under it is gone: reported below
-    listed = ShardListing(pa.concat_tables(listings) if listings else LISTING_SCHEMA.empty_table())
-    changes = changes_since(recorded, listed)
-    gone, changed = changes.deleted, changes.changed.urls()
-    if gone:
-        report.facts.append(
-            f"{len(gone)} input shards no longer exist (their embeddings stay current until a --refresh records "
-            f"them as deleted): {_first(gone)}"
-        )
-    if changed:
-        report.problems.append(
-            f"{len(changed)} input shards changed since they were embedded: {_first(changed)}; a --refresh run "
-            "embeds them again"
-        )
-    else:
-        report.facts.append(f"input fingerprints unchanged ({mode})")
-
-
-def _first(items: list) -> str:
+def _first(items: list, count: int | None = None) -> str:
+    """The first MAX_LISTED of items (of count in all, by default len(items))."""
+    count = len(items) if count is None else count
     shown = ", ".join(str(i) for i in items[:MAX_LISTED])
-    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+    return shown + (f" and {count - MAX_LISTED} more" if count > MAX_LISTED else "")
 
 
 def _ranges(ranges: list) -> str:

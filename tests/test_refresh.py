@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from cli_process import RUN_TIMEOUT_S, embed_process
 from corpus import jsonl_bytes, make_docs
@@ -308,6 +309,27 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     shutil.copytree(tmp_path / "out", unfinished)
     for record in (unfinished / READS).iterdir():
         record.unlink()
+
+    # verify reads the same facts the same way, and each part's claimed ranges, gathered from many
+    # steps, are grouped by part where the checks run: here and on Ray alike.
+    steps.clear()
+    here, on_ray = verify_output(root), verify_output(root, local_rows=0)
+    assert here.ok and on_ray.ok, (here.problems, on_ray.problems)
+    assert here.facts == on_ray.facts and len(steps) >= 10
+    current = f"{status['shards']} current input shards with {status['rows_in_shards_read']:,} rows"
+    assert any(current in fact for fact in here.facts), here.facts
+    part = max((tmp_path / "out" / PARTS).iterdir(), key=lambda p: pq.read_metadata(p).num_rows)
+    kept = part.read_bytes()
+    table = pq.read_table(part)
+    pq.write_table(table.slice(0, table.num_rows - 1), part)  # a part that lost its last row
+    for report in (verify_output(root), verify_output(root, local_rows=0)):
+        assert report.problems == [
+            f"part {part.stem} does not hold the rows its commit record names; repair "
+            "quarantines it and a re-run embeds its rows again"
+        ]
+    part.write_bytes(kept)
+    monkeypatch.setattr("pipeline.verify.MAX_PROBLEM_LINES", 0)  # the lines of a kind are capped and counted
+    assert verify_output(str(unfinished)).problems == ["and 1 more shards with rows missing or not read to their end"]
 
     # The same checkpoint as written before: no range rows, each commit's ranges in its record, unsorted.
     state = read_state(fs, root)

@@ -171,6 +171,12 @@ def shard_facts_in_batches(fs: fsspec.AbstractFileSystem, state: OutputState, ki
 RANGES_OF_PARTS = RANGES_SCHEMA.append(pa.field("part", pa.string()))
 
 
+def ranges_in_batches(fs: fsspec.AbstractFileSystem, state: OutputState) -> list[Iterator[pa.Table]]:
+    """Every committed range with its part (RANGES_OF_PARTS), from the checkpoint's file (a row group at
+    a time) and from the records in state: two sources for sorted_facts.in_step, each in URL order."""
+    return [_checkpointed_facts(fs, state, RANGE), iter([_recorded_ranges(state)])]
+
+
 def _checkpointed_facts(fs: fsspec.AbstractFileSystem, state: OutputState, kind: str) -> Iterator[pa.Table]:
     """shard_facts_in_batches, ranges with their part (RANGES_OF_PARTS), of the commits the state holds
     from the checkpoint only: a commit repair withdrew has none, and one a record holds too has the
@@ -212,8 +218,7 @@ def write_checkpoint(fs: fsspec.AbstractFileSystem, state: OutputState, sink) ->
                 keys = zip(urls_of(again.column("url")), again.column("fingerprint").to_pylist(), strict=True)
                 read_since_failing |= set(keys)
         out.end_group()
-        sources = [_checkpointed_facts(fs, state, RANGE), [_recorded_ranges(state)]]
-        for step in in_step(sources, [RANGES_OF_PARTS.empty_table()] * 2):
+        for step in in_step(ranges_in_batches(fs, state), [RANGES_OF_PARTS.empty_table()] * 2):
             ranges = sorted_by_url(pa.concat_tables(step))
             out.write(ranges.append_column("kind", pa.repeat(RANGE, ranges.num_rows)))
         out.end_group()

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io import sorted_facts
-from pipeline.io.compaction import DONE, RANGE, shard_facts_in_batches
+from pipeline.io.compaction import DONE, RANGES_OF_PARTS, ranges_in_batches, shard_facts_in_batches
 from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
 from pipeline.io.ledger import (
     DONE_SCHEMA,
@@ -36,6 +36,7 @@ from pipeline.io.ledger import (
     current_versions,
     ledger,
     positions,
+    recorded_versions,
     unique_done,
 )
 from pipeline.io.manifest import FileFailure, OutputState
@@ -97,37 +98,59 @@ def _entries_in_batches(
     return generations
 
 
+@dataclass(frozen=True)
+class LedgerStep:
+    """What the output knows of one interval of URLs (a step of sorted_facts.in_step)."""
+
+    shards: pa.Table
+    """The ledger (ledger.ledger) of the current versions."""
+    recorded: pa.Table
+    """Every version any generation recorded (ledger.recorded_versions), deleted ones left out."""
+    ranges: pa.Table
+    """Every committed range, with its part (compaction.RANGES_OF_PARTS)."""
+    committed: pa.Table
+    """Those ranges per version (ledger.committed)."""
+    more: list[pa.Table]
+    """The rows of each of the extra sources (ledger_steps' more)."""
+
+
 def ledger_in_batches(fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState) -> Iterator[pa.Table]:
     """The shard ledger (ledger.ledger) of the current versions, a batch of URLs at a time (in_step): every
     generation's entries, done shards and committed ranges, read in URL order from _inputs/ and the
     checkpoint (state read with shard_facts=False) together with the records' facts in state."""
-    for shards, _, _ in _ledger_steps(fs, root, record, state):
-        yield shards
+    for step in ledger_steps(fs, root, record, state):
+        yield step.shards
 
 
-def _ledger_steps(
+def ledger_steps(
     fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState, more: tuple[pa.Table, ...] = ()
-) -> Iterator[tuple[pa.Table, pa.Table, list[pa.Table]]]:
-    """ledger_in_batches, step by step with that step's committed ranges (RANGES_SCHEMA) and its rows
-    of each table in more (tables sorted by url)."""
+) -> Iterator[LedgerStep]:
+    """ledger_in_batches, step by step with all the step's facts and its rows of each table in more
+    (tables sorted by url)."""
     inputs_schema = pa.schema([INPUTS_SCHEMA.field(c) for c in INPUT_COLUMNS])
     generations = _entries_in_batches(fs, root, record, INPUT_COLUMNS)
     sources = [
         *generations,
         shard_facts_in_batches(fs, state, DONE),
         [sorted_by_url(state.done)],
-        shard_facts_in_batches(fs, state, RANGE),
-        [sorted_by_url(state.ranges())],
+        *ranges_in_batches(fs, state),
         *([table] for table in more),
     ]
     empty = [inputs_schema.empty_table()] * len(generations) + [DONE_SCHEMA.empty_table()] * 2
-    empty += [RANGES_SCHEMA.empty_table()] * 2 + [table.schema.empty_table() for table in more]
+    empty += [RANGES_OF_PARTS.empty_table()] * 2 + [table.schema.empty_table() for table in more]
     n = len(generations)
     for step in in_step(sources, empty):
-        entries, (checkpoint_done, records_done, checkpoint_ranges, records_ranges) = step[:n], step[n : n + 4]
-        versions = current_versions(pa.concat_tables([inputs_schema.empty_table(), *entries]))  # generation order
+        entries = pa.concat_tables([inputs_schema.empty_table(), *step[:n]])  # generation order
+        checkpoint_done, records_done, checkpoint_ranges, records_ranges = step[n : n + 4]
         ranges = pa.concat_tables([checkpoint_ranges, records_ranges])
-        yield ledger(versions, unique_done([checkpoint_done, records_done]), committed(ranges)), ranges, step[n + 4 :]
+        per_version = committed(ranges)
+        yield LedgerStep(
+            shards=ledger(current_versions(entries), unique_done([checkpoint_done, records_done]), per_version),
+            recorded=recorded_versions(entries),
+            ranges=ranges,
+            committed=per_version,
+            more=step[n + 4 :],
+        )
 
 
 def shard_counts(
@@ -138,7 +161,7 @@ def shard_counts(
     current versions that no read finished (OutputState.failed_part_way, without reading every done
     shard at once)."""
     counts = dict.fromkeys(("shards", "complete", "read", "rows_read"), 0)
-    failed = _FailedReads(state)
+    failed = FailedReads(state)
     for shards in ledger_in_batches(fs, root, record, state):
         read_rows = shards.column("rows")
         counts["shards"] += shards.num_rows
@@ -149,7 +172,7 @@ def shard_counts(
     return counts, failed.of_current_versions()
 
 
-class _FailedReads:
+class FailedReads:
     """The state's failed reads of current versions that no read finished, found a batch of the
     shard ledger at a time."""
 
@@ -188,14 +211,15 @@ def plan_run(
     fs: fsspec.AbstractFileSystem, root: str, record: dict, state: OutputState, listed: ShardListing
 ) -> RunPlan:
     """The listing against the current versions and what the output holds of them, a batch of URLs at
-    a time (_ledger_steps): only the shards to do come back as Python objects, none on a finished
+    a time (ledger_steps): only the shards to do come back as Python objects, none on a finished
     re-run. state: read with shard_facts=False, or whole; listed: sorted by URL, as discover_shards
     lists."""
     listing = listed.table.select(["url", "fingerprint"])
     listing = listing.append_column("index", pa.array(np.arange(len(listed), dtype=np.int64)))
     added, changed, deleted, todo, ranges = [], [], [], [], []
-    failed = _FailedReads(state)
-    for shards, step_ranges, (here,) in _ledger_steps(fs, root, record, state, (listing,)):
+    failed = FailedReads(state)
+    for step in ledger_steps(fs, root, record, state, (listing,)):
+        shards, step_ranges, (here,) = step.shards, step.ranges, step.more
         failed.add(shards)
         at = positions(here.column("url"), shards.column("url"))
         known = at >= 0
