@@ -347,10 +347,20 @@ class _Summary:
     __dataclass_fields__ = {}
 
 
-def test_repeated_ids_are_listed_once_per_input_and_listed_again_when_it_grows(ray_local, tmp_path, monkeypatch):
+def test_repeated_ids_are_listed_once_per_input_and_a_changed_input_reads_only_its_new_shards(
+    ray_local, tmp_path, monkeypatch
+):
     import pipeline.duplicate_ids as duplicate_ids
     from pipeline.config import load_config
 
+    read: list[list[str]] = []  # the shards each listing read from the input
+    datasource = duplicate_ids.ShardDatasource
+
+    def recording(shards, *args):
+        read.append([s.url.rsplit("/", 1)[-1] for s in shards])
+        return datasource(shards, *args)
+
+    monkeypatch.setattr(duplicate_ids, "ShardDatasource", recording)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(jsonl_bytes([{"id": "x", "text": "one"}, {"id": "y", "text": "two"}]))
     (tmp_path / "in" / "b.jsonl").write_bytes(jsonl_bytes([{"id": "x", "text": "again"}]))
@@ -360,24 +370,30 @@ def test_repeated_ids_are_listed_once_per_input_and_listed_again_when_it_grows(r
         | {"duplicate_ids": "reject"},
     )
     fs, path = filesystem_for(config.input, STORAGE)
-    repeats = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
-    url_b = discover_shards(fs, path)[1].url
-    assert list(repeats.for_shards([url_b])) == [url_b] and list(repeats.for_shards([url_b])[url_b]) == [0]
 
-    def must_not_run(*args):
-        raise AssertionError("the input was read again for repeated ids")
+    def listed(config=config) -> tuple[list[str], dict]:
+        shards = discover_shards(fs, path)
+        repeats = duplicate_ids.rows_to_reject(config, shards)
+        return shards.urls(), repeats.for_shards(shards.urls())
 
-    with monkeypatch.context() as patched:  # a resumed run over the same input reuses the list
-        patched.setattr(duplicate_ids, "find_duplicate_ids", must_not_run)
-        again = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
-    assert again.for_shards([url_b]) == repeats.for_shards([url_b])
+    (url_a, url_b), repeats = listed()
+    assert repeats == {url_b: {0: f"id 'x' was already seen at {url_a} row 0"}} and read == [["a.jsonl", "b.jsonl"]]
+    assert listed()[1] == repeats and len(read) == 1  # a resumed run over the same input reuses the list
 
     (tmp_path / "in" / "c.jsonl").write_bytes(jsonl_bytes([{"id": "y", "text": "later"}]))
-    grown = duplicate_ids.rows_to_reject(config, discover_shards(fs, path))
-    url_c = discover_shards(fs, path)[2].url
-    assert grown.for_shards([url_c])[url_c][0].startswith("id 'y' was already seen at") and url_b in grown.for_shards(
-        [url_b]
-    )
+    (tmp_path / "out" / "duplicates" / "_ids" / "000099").mkdir()  # a pass interrupted before its shard list
+    (_, _, url_c), grown = listed()
+    assert read[-1] == ["c.jsonl"], "only the new shard is read"
+    assert grown == {**repeats, url_c: {0: f"id 'y' was already seen at {url_a} row 1"}}
+    assert not (tmp_path / "out" / "duplicates" / "_ids" / "000099").exists()
+    fresh = config.model_copy(update={"output": str(tmp_path / "fresh")})
+    assert listed(fresh)[1] == grown, "as a first listing of the same input finds"
+
+    # A refresh: b rewritten without the repeat, c deleted. The ids of their old versions are kept
+    # but no longer count: nothing repeats.
+    (tmp_path / "in" / "b.jsonl").write_bytes(jsonl_bytes([{"id": "z", "text": "rewritten, longer"}]))
+    (tmp_path / "in" / "c.jsonl").unlink()
+    assert listed() == ([url_a, url_b], {}) and read[-1] == ["b.jsonl"]
 
     # An input without a repeat lists none, and its read tasks find nothing to reject.
     (tmp_path / "unique").mkdir()

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io import sorted_facts
 from pipeline.io.compaction import DONE, RANGES_OF_PARTS, ranges_in_batches, shard_facts_in_batches
-from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, urls_of
+from pipeline.io.layout import INPUTS, atomic_write, join, parquet_bytes, url_column, url_text, url_texts, urls_of
 from pipeline.io.ledger import (
     DONE_SCHEMA,
     INPUT_COLUMNS,
@@ -331,7 +331,7 @@ def _entries_file(changes: Changes, generation: int) -> bytes:
                 pa.table(
                     {
                         "url": deleted,
-                        "shard": _texts(deleted),
+                        "shard": url_texts(deleted),
                         "generation": pa.repeat(pa.scalar(generation, pa.int32()), len(deleted)),
                         "change": pa.repeat(pa.scalar(DELETED), len(deleted)),
                     }
@@ -354,7 +354,7 @@ def _entry_batches(shards: ShardListing, change: str, generation: int) -> Iterat
         yield pa.table(
             {
                 "url": batch.column("url"),
-                "shard": _texts(batch.column("url")),
+                "shard": url_texts(batch.column("url")),
                 "format": batch.column("format"),
                 "size_bytes": batch.column("size_bytes"),
                 "fingerprint": batch.column("fingerprint"),
@@ -362,15 +362,6 @@ def _entry_batches(shards: ShardListing, change: str, generation: int) -> Iterat
                 "change": pa.repeat(pa.scalar(change), batch.num_rows),
             }
         )
-
-
-def _texts(urls: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """URLs (binary) as text, the shard column's form, without a Python string per URL when all are
-    UTF-8 (as they are but for a name no read can open)."""
-    try:
-        return pc.cast(urls, pa.string())
-    except pa.ArrowInvalid:
-        return pa.array([_text(url) for url in urls_of(urls)], pa.string())
 
 
 def upgrade_inputs(fs: fsspec.AbstractFileSystem, root: str, record: dict) -> None:
@@ -388,7 +379,7 @@ def inputs_table(inputs: list[dict], generation: int) -> pa.Table:
     """Shards a version 1 record listed inline, as added entries of INPUTS_SCHEMA."""
     columns = {
         "url": url_column([i["url"] for i in inputs]),
-        "shard": [_text(i["url"]) for i in inputs],
+        "shard": [url_text(i["url"]) for i in inputs],
         "format": [i.get("format") for i in inputs],
         "size_bytes": [i.get("size_bytes") for i in inputs],
         "fingerprint": [i["fingerprint"] for i in inputs],
@@ -404,9 +395,3 @@ def generation_rows(state: OutputState) -> dict[int, int]:
     for commit in state.commits:
         rows[commit.generation] = rows.get(commit.generation, 0) + commit.rows
     return rows
-
-
-def _text(url: str) -> str:
-    # A name that is not UTF-8 never has rows (it fails as invalid_file_name), so its text form only
-    # has to be readable.
-    return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -31,6 +31,7 @@ from datetime import datetime
 import fsspec
 import fsspec.asyn
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import AZURE_PROTOCOLS
@@ -232,6 +233,21 @@ def url_column(urls: list[str]) -> pa.Array:
 def urls_of(column) -> list[str]:
     """url_column, back to the URLs."""
     return [None if b is None else b.decode("utf-8", "surrogateescape") for b in column.to_pylist()]
+
+
+def url_texts(urls: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """URLs (url_column) as text, the form the shard column of parts/, errors/ and duplicates/ holds,
+    without a Python string per URL when all are UTF-8 (as they are but for a name no read can open)."""
+    try:
+        return pc.cast(urls, pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([url_text(url) for url in urls_of(urls)], pa.string())
+
+
+def url_text(url: str) -> str:
+    # A name that is not UTF-8 never has rows (it fails as invalid_file_name), so its text form only
+    # has to be readable.
+    return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def name_of(path: str) -> str:
