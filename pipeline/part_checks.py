@@ -97,8 +97,11 @@ class PartClaims:
 
     def on_cluster(self):
         """One row per part (PARTS_SCHEMA), grouped by Ray Data, as a materialized Dataset."""
-        claims = ray.data.from_arrow_refs(self.batches)
-        return claims.groupby("part").map_groups(parts_of_claims, batch_format="pyarrow").materialize()
+        parts = (
+            ray.data.from_arrow_refs(self.batches).groupby("part").map_groups(parts_of_claims, batch_format="pyarrow")
+        )
+        # Blocks of PARTS_PER_TASK parts: the checks after spread over the cluster, a task per block.
+        return parts.repartition(max(1, min(len(self.wanted) // PARTS_PER_TASK, 10_000))).materialize()
 
 
 def parts_of_claims(claims: pa.Table) -> pa.Table:

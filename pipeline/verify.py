@@ -110,7 +110,7 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
     on_cluster = sample is None and state.committed_rows > local_rows  # else here: faster than starting Ray
     roots = sorted({g["input"] for g in record["generations"]}) if check_inputs else []
     mode = settings.get("fingerprint", "store")
-    listings = tuple(_listing(root, storage, mode) for root in roots)
+    listings = tuple(_listing(input_root, storage, mode) for input_root in roots)
     with ray_for_checks() if on_cluster else contextlib.nullcontext():
         claims = PartClaims(checked, distributed=on_cluster)
         versions, inputs = _VersionChecks(state), _InputChecks()
