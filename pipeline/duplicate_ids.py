@@ -127,6 +127,7 @@ class IdIndex:
     def __init__(self, fs, folder: str) -> None:
         self.fs, self.folder = fs, folder
         self.passes: dict[int, pa.Table] = {}
+        self.fresh: dict[int, ray.data.Dataset] = {}  # the passes this process read, still in the object store
         names = {name_of(p): p for p in fs.ls(folder, detail=False)} if fs.exists(folder) else {}
         for name, path in sorted(names.items()):
             if name.endswith(PASS_SHARDS):
@@ -144,11 +145,14 @@ class IdIndex:
         path = join(self.folder, f"{number:06d}")
         log.info("reading the ids of %d shards not read before", len(new))
         rows = ray.data.read_datasource(ShardDatasource(new, config.text_field, config.id_field, config.storage))
-        ids = rows.map_batches(_ids_and_places, batch_format="pyarrow")
+        # Materialized (in Ray's object store, spilled as it fills), so that the read runs in parallel
+        # rather than fused into the write's few big files, and the groupby after reads it from there.
+        ids = rows.map_batches(_ids_and_places, batch_format="pyarrow").materialize()
         ids.write_parquet(path, filesystem=PyFileSystem(FSSpecHandler(self.fs)), min_rows_per_file=1_000_000)
         versions = new.table.select(["url", "fingerprint"])
         atomic_write(self.fs, f"{path}{PASS_SHARDS}", parquet_bytes(versions))
         self.passes[number] = versions
+        self.fresh[number] = ids
 
     def repeats(self, shards: ShardListing):
         """A dataset of every occurrence of a repeated id among these shards' versions except its
@@ -160,7 +164,10 @@ class IdIndex:
             path = join(self.folder, f"{number:06d}")
             if not self.fs.exists(path):  # a pass of shards without an id: Ray writes no file
                 continue
-            ids = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=INDEX_SCHEMA)
+            if number in self.fresh:
+                ids = self.fresh[number]
+            else:
+                ids = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=INDEX_SCHEMA)
             gone = versions.filter(pc.invert(pc.is_in(_version_keys(versions), value_set=current)))
             if gone.num_rows:
                 superseded = url_texts(gone.column("url"))
