@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.io.generations import ADDED, CHANGED, DELETED, INPUTS_SCHEMA, changes_since
-from pipeline.io.layout import url_column, urls_of
+from pipeline.io.layout import url_column, url_text, urls_of
 from pipeline.io.ledger import RANGES_SCHEMA, committed, current_versions, ledger, unique_done
 from pipeline.io.ranges import count_rows, merge_ranges, overlaps
 from pipeline.io.shards import Shard, ShardListing
@@ -211,7 +211,7 @@ def test_a_generations_entries_file_is_written_sorted_a_batch_at_a_time(tmp_path
     columns = (entries.column("change").to_pylist(), entries.column("size_bytes").to_pylist())
     assert list(zip(urls_of(entries.column("url")), *columns, strict=True)) == expected
     assert set(entries.column("generation").to_pylist()) == {1}
-    assert entries.column("shard").to_pylist() == [generations._text(url) for url, _, _ in expected]
+    assert entries.column("shard").to_pylist() == [url_text(url) for url, _, _ in expected]
     assert record["generations"][1] | {"created": None} == {
         "generation": 1,
         "input": "s://",
