@@ -67,10 +67,14 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
     # Hand out blocks only once both actors are up, or the first one can take the whole corpus.
     context = DataContext.get_current()
     saved_wait, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    # And by load alone: by locality, the actor beside the one read task's blocks could take them all.
+    options = context.execution_options
+    saved_locality, options.actor_locality_enabled = options.actor_locality_enabled, False
     try:
         summary = run_embedding_job(config)
     finally:
         context.wait_for_min_actors_s = saved_wait
+        options.actor_locality_enabled = saved_locality
     assert len(ray.nodes()) == 3
     worker_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("embed_slot")}
     assert set(summary.embed_nodes) == worker_nodes, f"embedding ran on {summary.embed_nodes} only"
