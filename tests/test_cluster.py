@@ -77,7 +77,11 @@ def test_actors_on_more_than_one_node_embed_every_document_once(cluster, tmp_pat
         options.actor_locality_enabled = saved_locality
     assert len(ray.nodes()) == 3
     worker_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("embed_slot")}
-    assert set(summary.embed_nodes) == worker_nodes, f"embedding ran on {summary.embed_nodes} only"
+    # The two model copies sat on the two worker nodes. Which of them Ray Data hands each block to is
+    # its own affair: in a loaded run, one copy can be free every time a block arrives.
+    embedders = [a for a in ray._private.state.actors().values() if a["ActorClassName"].endswith("(EmbedStage))")]
+    assert {a["Address"]["NodeID"] for a in embedders} == worker_nodes, embedders
+    assert summary.embed_nodes and set(summary.embed_nodes) <= worker_nodes
     ids = pq.read_table(tmp_path / "out" / "parts").column("id").to_pylist()
     assert sorted(ids) == sorted(docs)
 
