@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.config import StorageConfig
-from pipeline.io.layout import PARTS, urls_of
+from pipeline.io.layout import PARTS, urls_of, with_every_column
 from pipeline.io.ledger import PackedRanges
 from pipeline.io.manifest import CommitRecord
 from pipeline.io.recovery import UnreadablePartError, load_part, part_mismatch
@@ -82,13 +82,7 @@ class PartClaims:
             self._keep(rows.append_column("current", pa.array(current).filter(chosen)))
 
     def _keep(self, table: pa.Table) -> None:
-        claims = pa.table(
-            {
-                f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-                for f in CLAIMS_SCHEMA
-            },
-            schema=CLAIMS_SCHEMA,
-        )
+        claims = with_every_column(table, CLAIMS_SCHEMA)  # a part's row or its ranges' rows
         self.batches.append(ray.put(claims) if self.distributed else claims)
 
     def here(self) -> pa.Table:
@@ -153,7 +147,8 @@ def repeated_ids(
 ) -> tuple[int, list[str]]:
     """Ids that more than one current row holds: how many, and a few of them. parts:
     PartClaims.on_cluster()."""
-    parts = parts.map_batches(_with_current_rows, batch_format="pyarrow")
+    # Materialized: the sum and the ids below read the same filtered parts, not the filter twice.
+    parts = parts.map_batches(_with_current_rows, batch_format="pyarrow").materialize()
     rows = parts.sum("embedded") or 0
     if not rows:
         return 0, []

@@ -43,6 +43,7 @@ from pipeline.io.layout import (
     remove_many,
     url_column,
     urls_of,
+    with_every_column,
 )
 from pipeline.io.lease import check_lease
 from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges, unique_done
@@ -100,7 +101,8 @@ def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState
                 raise
             continue
         state.checkpoints = paths
-        _merge(state, _with_every_column(table), facts_as_rows=is_sorted(table.schema))
+        # An older checkpoint lacks the range columns.
+        _merge(state, with_every_column(table, CHECKPOINT_SCHEMA), facts_as_rows=is_sorted(table.schema))
         return
 
 
@@ -254,7 +256,7 @@ class _RowGroups:
         self.writer.close()
 
     def write(self, table: pa.Table) -> None:
-        self.pending.append(_with_every_column(table))
+        self.pending.append(with_every_column(table, CHECKPOINT_SCHEMA))  # each kind of fact has only its own
         while sum(t.num_rows for t in self.pending) >= sorted_facts.BATCH_ROWS:
             rows = pa.concat_tables(self.pending)
             self.writer.write_table(rows.slice(0, sorted_facts.BATCH_ROWS))
@@ -265,16 +267,6 @@ class _RowGroups:
         if rows is not None and rows.num_rows:
             self.writer.write_table(rows)
         self.pending = []
-
-
-def _with_every_column(table: pa.Table) -> pa.Table:
-    """table with CHECKPOINT_SCHEMA's columns, the ones it lacks all null (an older checkpoint lacks
-    the range columns; a kind of fact has only its own)."""
-    columns = {
-        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-        for f in CHECKPOINT_SCHEMA
-    }
-    return pa.table(columns, schema=CHECKPOINT_SCHEMA)
 
 
 def compact(

@@ -250,5 +250,15 @@ def url_text(url: str) -> str:
     return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def with_every_column(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """table with schema's columns, in its order and types; the ones table lacks all null (a table of
+    rows of several kinds, each kind with only its own columns)."""
+    columns = {
+        f.name: table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    }
+    return pa.table(columns, schema=schema)
+
+
 def name_of(path: str) -> str:
     return path.rsplit("/", 1)[-1]
