@@ -129,7 +129,8 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
         inputs.report_to(report, mode)
 
     dead = sum(c.error_rows for c in state.commits)
-    _check_dead_letter_rate(record, state, versions.failed_reads.of_current_versions(), report)
+    failed = versions.failed_reads.of_current_versions()
+    _check_dead_letter_rate(record, state, failed, report)
     report.facts.append(
         f"{state.committed_rows:,} rows in {len(state.commits)} committed parts: "
         f"{state.committed_rows - dead:,} embedded, {dead:,} dead-lettered in {ERRORS}/; "
@@ -141,8 +142,9 @@ def _verify(output_url: str, storage: StorageConfig, check_inputs: bool, sample:
             f"{versions.superseded_rows:,} rows of {versions.superseded} shard versions changed or deleted since "
             "are superseded (not current; vacuum removes parts that hold nothing else)"
         )
-    if versions.failed.count:
-        report.facts.append(f"{versions.failed.count} files failed part way: {versions.failed}")
+    if failed:
+        shown = [f"{f.url} ({f.reason} after {f.rows_read:,} rows)" for f in failed[:MAX_LISTED]]
+        report.facts.append(f"{len(failed)} files failed part way: {_first(shown, len(failed))}")
 
 
 class _Listed:
@@ -191,7 +193,7 @@ class _VersionChecks:
         self.current = self.total_rows = self.superseded = self.superseded_rows = 0
         self.doubled = _Problems("shards with rows committed more than once")
         self.incomplete = _Problems("shards with rows missing or not read to their end")
-        self.failed, self.strays = _Listed(), _Listed()
+        self.strays = _Listed()
 
     def add(self, step: LedgerStep) -> None:
         per_version, shards = step.committed, step.shards
@@ -216,7 +218,6 @@ class _VersionChecks:
                 strict=True,
             )
         )
-        failed = []
         for url, _, found in _version_ranges(step.ranges, todo):
             committed_rows, (done, fingerprint) = merge_ranges(found), version_of[url]
             failure = self.file_failures.get((url, fingerprint))
@@ -225,7 +226,6 @@ class _VersionChecks:
                 gaps = missing(committed_rows, failure.rows_read)
                 if gaps:
                     self.incomplete.append(f"{url}: {count_rows(gaps)} rows read before it failed are missing")
-                failed.append(f"{url} ({failure.reason} after {failure.rows_read:,} rows)")
                 self.total_rows += failure.rows_read
             elif done is None:
                 self.incomplete.append(f"{url}: not read to its end yet (job unfinished; re-run it)")
@@ -234,7 +234,6 @@ class _VersionChecks:
                 gaps = missing(committed_rows, done)
                 if gaps:
                     self.incomplete.append(f"{url}: {count_rows(gaps)} of {done} rows missing, rows {_ranges(gaps)}")
-        self.failed.extend(failed)
         strays = per_version.filter(pa.array(~known))
         self.strays.extend(
             sorted(

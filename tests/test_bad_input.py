@@ -127,6 +127,8 @@ def test_a_corpus_with_every_kind_of_bad_input_runs_to_completion(ray_local, tmp
 
     report = verify_output(str(out))
     assert report.ok, report.problems
+    (failed_files,) = [fact for fact in report.facts if "files failed part way" in fact]
+    assert failed_files.startswith("4 files failed part way: ") and "truncated.jsonl.gz (" in failed_files
     fs, root = filesystem_for(str(out), StorageConfig())
     assert read_state(fs, root).error_counts() == EXPECTED_COUNTS
     status = output_status(str(out))
