@@ -21,7 +21,7 @@ from conftest import EVERY_STORE, Store
 from pipeline.io.layout import COMMITS, LEASE, PARTS, QUARANTINE, STAGING, atomic_write, join, move, parquet_bytes
 from pipeline.io.lease import LeaseHeldError, LeaseLostError, acquire_lease, check_lease, read_lease
 from pipeline.io.manifest import CommitRecord, read_state
-from pipeline.io.recovery import recover
+from pipeline.io.recovery import compact_while_running, recover
 
 
 def dead_pid() -> int:
@@ -92,6 +92,7 @@ def test_two_drivers_racing_for_a_free_output_get_one_lease_between_them(store):
 
 @pytest.mark.parametrize("store", EVERY_STORE, indirect=True)
 def test_a_dead_drivers_lease_is_taken_over_and_its_late_commit_is_fenced_and_quarantined(store, monkeypatch):
+    import pipeline.io.compaction
     import pipeline.io.lease
 
     monkeypatch.setattr(pipeline.io.lease, "TAKEOVER_GRACE_S", 0.0)
@@ -111,8 +112,14 @@ def test_a_dead_drivers_lease_is_taken_over_and_its_late_commit_is_fenced_and_qu
     late = commit_part(store, (10, 20), old.token)  # a worker of the dead run that committed anyway
     state = read_state(store.fs, store.root)
     assert [c.part for c in state.commits] == [kept.part] and [c.part for c in state.fenced] == [late.part]
-    recover(store.fs, store.root)  # what the new holder does before and after its graph
-    assert store.files(PARTS) == [f"{kept.part}.parquet"] and store.files(COMMITS) == [f"{kept.part}.json"]
+    # The new holder's compaction while its graph runs folds the kept commit and leaves the late one.
+    monkeypatch.setattr(pipeline.io.compaction, "COMPACT_AFTER_RECORDS", 1)
+    assert compact_while_running(store.fs, store.root, new.token)
+    assert store.files(COMMITS) == [f"{late.part}.json"]
+    state = read_state(store.fs, store.root)
+    assert [c.part for c in state.commits] == [kept.part] and [c.part for c in state.fenced] == [late.part]
+    recover(store.fs, store.root, new.token)  # what the new holder does before and after its graph
+    assert store.files(PARTS) == [f"{kept.part}.parquet"] and store.files(COMMITS) == []
     assert f"{late.part}.parquet" in store.files(f"{QUARANTINE}/{PARTS}")
     assert read_state(store.fs, store.root).committed_ranges() == {"file:///in/a.jsonl": [(0, 10)]}
 

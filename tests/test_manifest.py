@@ -188,6 +188,41 @@ def test_a_few_records_that_name_many_shards_are_compacted_too(tmp_path, monkeyp
     assert state_facts(read_state(fs, root)) == state_facts(state)
 
 
+def test_records_that_name_more_facts_than_a_fold_holds_are_compacted_a_batch_at_a_time(tmp_path, monkeypatch):
+    """A run whose records name a million shards (all committed in its last minute, or left by a
+    crash) is folded into the checkpoint a batch of FOLD_FACTS at a time, never held whole; a crash
+    between two batches loses and doubles nothing, and the next recovery folds the rest."""
+    fs, root = committed_output(tmp_path, parts=9)  # 9 commit and 9 read records, a shard fact each
+    before = read_state(fs, root)
+    monkeypatch.setattr(compaction, "FOLD_FACTS", 4)
+    monkeypatch.setattr(compaction, "COMPACT_AFTER_FACTS", 2)
+    folded, real_compact = [], compaction.compact
+
+    def compact(fs, root, state, token, **kwargs):
+        if len(folded) == 2 and crashing:
+            raise SimulatedCrash("between two batches")
+        folded.append(state.facts_in_records)
+        return real_compact(fs, root, state, token, **kwargs)
+
+    monkeypatch.setattr(compaction, "compact", compact)
+    with acquire_lease(fs, root) as lease:
+        crashing = True
+        with pytest.raises(SimulatedCrash):
+            recover(fs, root, lease.token)
+        assert folded == [4, 4]
+        assert [p.name for p in (tmp_path / "out" / CHECKPOINTS).iterdir()] == ["0000000002.parquet"]
+        assert state_facts(read_state(fs, root)) == state_facts(before)
+        assert read_state(fs, root).facts_in_records == 10
+
+        crashing = False
+        state = recover(fs, root, lease.token)
+    assert folded == [4, 4, 4, 4, 2], "the rest, a batch at a time"
+    assert [p.name for p in (tmp_path / "out" / CHECKPOINTS).iterdir()] == ["0000000005.parquet"]
+    assert not list((tmp_path / "out" / COMMITS).iterdir()) and not list((tmp_path / "out" / READS).iterdir())
+    assert state_facts(read_state(fs, root)) == state_facts(before)
+    assert state.committed_rows == before.committed_rows == 36
+
+
 @pytest.mark.parametrize("point", ["compact.after_checkpoint", "compact.after_records"])
 def test_a_crash_at_each_compaction_step_loses_and_doubles_nothing(tmp_path, monkeypatch, point):
     fs, root = committed_output(tmp_path)
@@ -233,10 +268,11 @@ def test_a_compaction_that_leaves_the_checkpoints_facts_in_its_file_writes_what_
     shutil.copytree(tmp_path / "out", tmp_path / "whole" / "out")
     whole_fs, whole_root = filesystem_for(str(tmp_path / "whole" / "out"), STORAGE)
 
-    for folder, facts_in_file in ((whole_root, False), (root, True)):
-        with acquire_lease(fs, folder) as lease:
-            state = recover(fs, folder, lease.token, shard_facts=not facts_in_file)
-            assert state.facts_in_checkpoint is facts_in_file
+    with acquire_lease(fs, whole_root) as lease:  # the whole state read, compacted as it is
+        assert compaction.compact(fs, whole_root, read_state(fs, whole_root), lease.token)
+    with acquire_lease(fs, root) as lease:
+        state = recover(fs, root, lease.token, shard_facts=False)
+        assert state.facts_in_checkpoint
     streamed, whole = (sorted((f / CHECKPOINTS).iterdir()) for f in (tmp_path / "out", tmp_path / "whole" / "out"))
     assert [p.name for p in streamed] == [p.name for p in whole] == ["0000000002.parquet"]
     assert pq.read_table(streamed[0]).equals(pq.read_table(whole[0]))

@@ -215,7 +215,10 @@ def remove_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
     if not paths:
         return
     if not is_local(fs):
-        fs.rm(list(paths))
+        try:
+            fs.rm(list(paths))
+        except FileNotFoundError:  # gcsfs, when none of them was there any more
+            pass
         return
     for path in paths:
         try:

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import fsspec
@@ -274,26 +274,68 @@ def read_state(fs: fsspec.AbstractFileSystem, root: str, *, shard_facts: bool = 
             state.staged.add(name_of(path))
         else:
             state.leftovers.append(path)
-    takeovers = fences(fs, root)
-    commit_files = listing(fs, join(root, COMMITS), ".json")
-    for path, raw in cat_many(fs, list(commit_files), missing_ok=True):
-        commit = CommitRecord.from_json(raw)
-        # A lower token's commit made once a later token had taken the lease over: a lost writer's.
-        lost = any(commit.lease_token < token and commit_files[path] >= taken for token, taken in takeovers)
-        (state.fenced if lost else state.commits).append(commit)
-        state.record_parts.add(commit.part)
-        state.records.append(path)
-        state.facts_in_records += len(commit.ranges)
-    reads = [p for folder in (READS, SHARDS, FAILED) for p in listing(fs, join(root, folder), ".json")]
-    for path, raw in cat_many(fs, reads, missing_ok=True):
-        state.facts_in_records += add_read_record(state, json.loads(raw))
-        state.records.append(path)
+    records = _Records(fs, root)
+    records.read(state, list(records.commits))
+    records.read(state, records.reads)
     read_checkpoint(fs, root, state, shard_facts=shard_facts)
     if exists_now(fs, join(root, VACUUM)):
         state.vacuuming = set(json.loads(fs.cat_file(join(root, VACUUM)))["parts"])
     for folder in (PARTS, ERRORS):
         state.published |= {f"{folder}/{name_of(p)}" for p in listing(fs, join(root, folder), ".parquet")}
     return state
+
+
+class _Records:
+    """The commit and read records there, listed (commits with their store time), read on demand."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.takeovers = fences(fs, root)
+        self.commits = listing(fs, join(root, COMMITS), ".json")
+        self.reads = [p for folder in (READS, SHARDS, FAILED) for p in listing(fs, join(root, folder), ".json")]
+
+    def read(self, state: OutputState, paths: list[str], *, lost_writers: bool = True) -> None:
+        """Add the records at these paths to state; lost_writers=False leaves out, unread by state,
+        the commits of a writer that had lost the lease (recovery's to quarantine)."""
+        for path, raw in cat_many(self.fs, paths, missing_ok=True):
+            if path not in self.commits:
+                state.facts_in_records += add_read_record(state, json.loads(raw))
+                state.records.append(path)
+                continue
+            commit = CommitRecord.from_json(raw)
+            # A lower token's commit made once a later token had taken the lease over: a lost writer's.
+            lost = any(commit.lease_token < token and self.commits[path] >= taken for token, taken in self.takeovers)
+            if lost and not lost_writers:
+                continue
+            (state.fenced if lost else state.commits).append(commit)
+            state.record_parts.add(commit.part)
+            state.records.append(path)
+            state.facts_in_records += len(commit.ranges)
+
+
+# The most record files fetched at once while reading records in batches (concurrently on object stores).
+RECORDS_PER_FETCH = 16
+
+
+def records_in_batches(fs: fsspec.AbstractFileSystem, root: str, max_facts: int) -> Iterator[OutputState]:
+    """The commit and read records there, as states that each hold records naming about max_facts
+    per-shard facts and nothing else: for compacting them a batch at a time. Records are fetched a
+    few at a time, as many as the facts per record so far say fit (a commit record may name 10^5
+    shards). A lost writer's commits are left out (recovery's to quarantine)."""
+    records = _Records(fs, root)
+    paths = [*sorted(records.commits), *sorted(records.reads)]
+    state, facts, fetched = OutputState(), 0, 0
+    while fetched < len(paths):
+        per_record = max(1, facts // fetched) if fetched else max_facts
+        count = min(RECORDS_PER_FETCH, max(1, (max_facts - state.facts_in_records) // per_record))
+        before = state.facts_in_records
+        records.read(state, paths[fetched : fetched + count], lost_writers=False)
+        facts, fetched = facts + state.facts_in_records - before, fetched + count
+        if state.facts_in_records >= max_facts:
+            yield state
+            state = OutputState()
+    if state.records:
+        yield state
 
 
 def add_read_record(state: OutputState, data: dict) -> int:

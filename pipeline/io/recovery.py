@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.compaction import compact, worth_compacting
+from pipeline.io.compaction import compact, fold_records, worth_compacting
 from pipeline.io.layout import (
     COMMITS,
     ERRORS,
@@ -58,6 +58,8 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, s
     """Finish what a crashed run left; set aside what no commit record may stand for. The holder of
     the writer lease (lease_token) also compacts the records once there are many. shard_facts=False:
     the state leaves the checkpoint's per-shard facts in its file (read_state)."""
+    if lease_token:  # records of a whole run or more are folded a batch at a time first
+        fold_records(fs, root, lease_token)
     state = read_state(fs, root, shard_facts=shard_facts)
     _recover(fs, root, state)
     if lease_token and worth_compacting(state) and compact(fs, root, state, lease_token) and not shard_facts:
@@ -67,12 +69,10 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, s
 
 def compact_while_running(fs: fsspec.AbstractFileSystem, root: str, lease_token: int) -> bool:
     """Fold the records a running job (the lease holder) has written so far into a checkpoint, once
-    they are worth it (compaction.worth_compacting): so that `status` and a crash's recovery read a
-    batch at a time what a long run committed, not every record whole. Reading them to find out
-    costs what `status` costs: the records since the last compaction, few by this. Records of a
-    writer that lost the lease are left to recovery. True if it compacted."""
-    state = read_state(fs, root, shard_facts=False)
-    return worth_compacting(state) and not state.fenced and compact(fs, root, state, lease_token, running=True)
+    they are worth it (compaction.worth_compacting), a batch at a time (compaction.fold_records): so
+    that `status` and a crash's recovery read a batch at a time what a long run committed, not every
+    record whole. Records of a writer that lost the lease are left to recovery. True if it compacted."""
+    return fold_records(fs, root, lease_token) > 0
 
 
 def _recover(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> list[str]:
@@ -212,6 +212,8 @@ def _quarantine_commit(
     _move_aside(fs, root, f"{COMMITS}/{commit.part}.json")
     if commit in state.commits:
         state.commits.remove(commit)
+    if join(root, COMMITS, f"{commit.part}.json") in state.records:  # no longer there for a compaction to delete
+        state.records.remove(join(root, COMMITS, f"{commit.part}.json"))
     log.warning("part %s moved to %s/: %s; its %d rows are embedded again", commit.part, QUARANTINE, why, commit.rows)
 
 
