@@ -2,10 +2,19 @@
 shard's ids read once, not once per run.
 
 The first occurrence of an id is the one earliest in (shard URL, row) order, so the answer does not
-depend on which task ran first, on how often the job was resumed, or on how the input grew. The
-repeats are written by the workers into OUTPUT/duplicates/ (never collected on the driver), with a
-_done.json naming the input they were found in: a resumed run over the same input reuses them. Each
+depend on which task ran first or on how often the job was resumed. The repeats are written by the
+workers into OUTPUT/duplicates/listing-<input>/ (never collected on the driver), and _done.json
+names the listing and the input it was made from: a resumed run over the same input reuses it. Each
 read task then reads the repeats of its own shards only (RepeatedRows).
+
+When the input changes, reject keeps what the output already holds (Ranks): a row of a shard
+version the last listing saw keeps its place, first or repeat, ahead of the rows of versions added
+or changed since, which are first only for an id none of those holds. Rejected rows are dead
+letters, never embedded again unless their shard changes: an id whose only kept row was in a shard
+changed or deleted since has its earliest rejected row as its first now, listed as such
+(first_shard null) and counted in _done.json ("no_longer_repeats") and the log, as those rows
+stay dead letters if they were already read. The last listing is kept until the new one is named
+in _done.json, so a crash in between leaves it to compare with.
 
 The ids themselves are kept too, in duplicates/_ids/ (IdIndex): every id with its shard and row,
 written by the workers a pass at a time, each pass beside the list of shard versions it read. When
@@ -30,6 +39,7 @@ import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import JobConfig, StorageConfig
+from pipeline.io.generations import recorded_inputs
 from pipeline.io.layout import (
     DUPLICATES,
     atomic_write,
@@ -40,6 +50,8 @@ from pipeline.io.layout import (
     remove_many,
     url_texts,
 )
+from pipeline.io.ledger import INPUT_COLUMNS, current_versions
+from pipeline.io.run_record import read_run_record
 from pipeline.io.shards import ShardListing
 from pipeline.io.storage import filesystem_for
 from pipeline.stages.read import ShardDatasource
@@ -48,6 +60,7 @@ log = logging.getLogger(__name__)
 
 DONE = "_done.json"
 IDS = "_ids"
+LISTING = "listing-"
 PASS_SHARDS = ".shards.parquet"
 # Input bytes whose ids one task of the groupby takes: Ray Data's default of 200 partitions costs
 # seconds of scheduling on a small input.
@@ -62,6 +75,9 @@ DUPLICATES_SCHEMA = pa.schema(
     ]
 )
 INDEX_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
+RANKED_SCHEMA = INDEX_SCHEMA.append(pa.field("rank", pa.int8()))
+# reject's order of an id's occurrences, before (shard, row): see Ranks.
+KEPT, NEW, REJECTED_BEFORE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -70,18 +86,34 @@ class RepeatedRows:
 
     output_url: str
     storage: StorageConfig
+    listing: str
+    """The listing's folder under duplicates/; '' for one made before listings had folders."""
 
     def for_shards(self, urls: list[str]) -> dict[str, dict[int, str]]:
         """shard URL -> row -> why, for the repeats among these shards."""
         fs, root = filesystem_for(self.output_url, self.storage)
-        table = ds.dataset(join(root, DUPLICATES), filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA)
-        found = table.to_table(filter=pc.field("shard").isin(urls)).to_pylist()
+        files = _listing_files(fs, join(root, DUPLICATES), self.listing)
+        if not files:
+            return {}
+        table = ds.dataset(files, filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA)
+        wanted = pc.field("shard").isin(urls) & pc.field("first_shard").is_valid()  # null: no longer a repeat
         rejected: dict[str, dict[int, str]] = {}
-        for r in found:
+        for r in table.to_table(filter=wanted).to_pylist():
             rejected.setdefault(r["shard"], {})[r["row"]] = (
                 f"id {r['id']!r} was already seen at {r['first_shard']} row {r['first_row']}"
             )
         return rejected
+
+
+def _listing_files(fs, folder: str, listing: str) -> list[str]:
+    """The Parquet files of a listing (listing '': those directly in folder, as before listings had
+    folders of their own)."""
+    path = join(folder, listing) if listing else folder
+    try:
+        found = fs.find(path) if listing else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if p.endswith(".parquet") and not name_of(p).startswith(("_", ".")))
 
 
 def rows_to_reject(config: JobConfig, shards: ShardListing) -> RepeatedRows | None:
@@ -93,29 +125,92 @@ def rows_to_reject(config: JobConfig, shards: ShardListing) -> RepeatedRows | No
     fs, root = filesystem_for(config.output, config.storage)
     folder = join(root, DUPLICATES)
     digest = input_digest(shards)
-    done = join(folder, DONE)
-    if exists_now(fs, done) and json.loads(fs.cat_file(done)).get("input_sha256") == digest:
+    last = json.loads(fs.cat_file(join(folder, DONE))) if exists_now(fs, join(folder, DONE)) else None
+    if last is not None and last.get("input_sha256") == digest:
         log.info("repeated ids of this input were listed by an earlier run: reusing %s/", DUPLICATES)
+        listing = last.get("listing", "")
     else:
-        _remove_repeats(fs, folder)  # an interrupted listing, or one of an earlier input
+        listing = f"{LISTING}{digest[:16]}"
+        _remove_listings(fs, folder, keep=last.get("listing", "") if last else None)  # interrupted ones
         index = IdIndex(fs, join(folder, IDS))
         index.add(shards, config)
-        repeats = index.repeats(shards)
+        record = read_run_record(fs, root)
+        ranks = Ranks.since(fs, root, record, last) if config.duplicate_ids == "reject" else None
+        repeats = index.repeats(shards, ranks)
         if repeats is not None:
-            repeats.write_parquet(folder, filesystem=PyFileSystem(FSSpecHandler(fs)), min_rows_per_file=100_000)
-        found = _rows_written(fs, folder)
-        atomic_write(fs, done, json.dumps({"input_sha256": digest, "repeats": found}).encode())
-        log.info("%d rows repeat an earlier id; listed in %s/", found, DUPLICATES)
-    return RepeatedRows(config.output, config.storage) if config.duplicate_ids == "reject" else None
+            repeats.write_parquet(
+                join(folder, listing), filesystem=PyFileSystem(FSSpecHandler(fs)), min_rows_per_file=100_000
+            )
+        found, no_longer, examples = _rows_written(fs, folder, listing)
+        generation = len(record["generations"]) - 1 if record else None
+        done = {"input_sha256": digest, "listing": listing, "generation": generation, "repeats": found}
+        atomic_write(fs, join(folder, DONE), json.dumps(done | {"no_longer_repeats": no_longer}).encode())
+        _remove_listings(fs, folder, keep=listing)  # the last one, now replaced
+        log.info("%d rows repeat an earlier id; listed in %s/%s/", found, DUPLICATES, listing)
+        if no_longer:
+            log.warning(
+                "%d rows were rejected as repeats of a row the input no longer has (its shard changed or was "
+                "deleted), e.g. %s: each is its id's first occurrence now; one already dead-lettered stays so "
+                "until its shard is embedded again (rewrite it and run with --refresh)",
+                no_longer,
+                ", ".join(examples),
+            )
+    return RepeatedRows(config.output, config.storage, listing) if config.duplicate_ids == "reject" else None
 
 
-def _remove_repeats(fs, folder: str) -> None:
-    """The listed repeats and their _done.json (first: a crash midway leaves no list that claims to be
-    whole); the kept ids stay."""
+def _remove_listings(fs, folder: str, *, keep: str | None) -> None:
+    """Every listing but keep: an interrupted one, or the one keep replaced. keep '' is the files
+    straight in folder, a listing from before listings had folders (None: keep none of them). The
+    kept ids and _done.json stay."""
     if not fs.exists(folder):
         return
-    remove_many(fs, [join(folder, DONE)] if exists_now(fs, join(folder, DONE)) else [])
-    remove_many(fs, [p for p in fs.ls(folder, detail=False) if not name_of(p).startswith("_")])
+    for path in fs.ls(folder, detail=False):
+        name = name_of(path)
+        if name.startswith("_") or name == keep:
+            continue
+        if name.startswith(LISTING):
+            fs.rm(path, recursive=True)
+        elif keep != "":
+            remove_many(fs, [path])
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """For reject, when the input changed since the last listing: which occurrences of an id come
+    first. KEPT: a row of a version the last listing saw and did not reject (its first, or an id's
+    only row); NEW: a row of a version added or changed since; REJECTED_BEFORE: a row the last
+    listing rejected, in a version still current. Rows the output holds keep their place: a new
+    row that repeats an embedded id is rejected, not the embedded one."""
+
+    new: pa.Array
+    """The URLs (as the shard column holds them) whose current version came after the last listing."""
+    last_listing: list[str]
+    """The last listing's files."""
+
+    @classmethod
+    def since(cls, fs, root: str, record: dict | None, last: dict | None) -> Ranks | None:
+        """None where there is no last listing to keep to (or it predates this order): then every
+        row is in plain (shard, row) order, as on a first listing."""
+        if record is None or last is None or last.get("generation") is None:
+            return None
+        later = {**record, "generations": [g for g in record["generations"] if g["generation"] > last["generation"]]}
+        versions = current_versions(recorded_inputs(fs, root, later, INPUT_COLUMNS))
+        return cls(url_texts(versions.column("url")), _listing_files(fs, join(root, DUPLICATES), last["listing"]))
+
+    def rejected_before(self, fs) -> ray.data.Dataset | None:
+        """The last listing's repeats in versions still current, as RANKED_SCHEMA rows of rank
+        REJECTED_BEFORE: marks for the groupby, not occurrences of their own."""
+        if not self.last_listing:
+            return None
+        rows = ray.data.read_parquet(self.last_listing, filesystem=PyFileSystem(FSSpecHandler(fs)))
+        return rows.map_batches(_marks, batch_format="pyarrow", fn_kwargs={"new": self.new})
+
+
+def _marks(batch: pa.Table, *, new: pa.Array) -> pa.Table:
+    batch = batch.filter(pc.is_valid(batch.column("first_shard")))
+    batch = batch.filter(pc.invert(pc.is_in(batch.column("shard"), value_set=new)))
+    ranks = pa.array(np.full(batch.num_rows, REJECTED_BEFORE, np.int8))
+    return batch.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA).append_column("rank", ranks)
 
 
 class IdIndex:
@@ -154,11 +249,12 @@ class IdIndex:
         self.passes[number] = versions
         self.fresh[number] = ids
 
-    def repeats(self, shards: ShardListing):
+    def repeats(self, shards: ShardListing, ranks: Ranks | None = None):
         """A dataset of every occurrence of a repeated id among these shards' versions except its
         first, with where the first one is (DUPLICATES_SCHEMA), computed on the cluster from the kept
-        ids; None when no pass holds an id."""
+        ids; first by ranks, then (shard, row); None when no pass holds an id."""
         current = _version_keys(shards.table)
+        new = ranks.new if ranks else pa.array([], pa.string())
         datasets = []
         for number, versions in sorted(self.passes.items()):
             path = join(self.folder, f"{number:06d}")
@@ -169,12 +265,14 @@ class IdIndex:
             else:
                 ids = ray.data.read_parquet(path, filesystem=PyFileSystem(FSSpecHandler(self.fs)), schema=INDEX_SCHEMA)
             gone = versions.filter(pc.invert(pc.is_in(_version_keys(versions), value_set=current)))
-            if gone.num_rows:
-                superseded = url_texts(gone.column("url"))
-                ids = ids.map_batches(_without_shards, batch_format="pyarrow", fn_kwargs={"shards": superseded})
+            superseded = url_texts(gone.column("url")) if gone.num_rows else pa.array([], pa.string())
+            ids = ids.map_batches(_ranked, batch_format="pyarrow", fn_kwargs={"superseded": superseded, "new": new})
             datasets.append(ids)
         if not datasets:
             return None
+        marks = ranks.rejected_before(self.fs) if ranks else None
+        if marks is not None:
+            datasets.append(marks)
         partitions = max(1, min(200, shards.size_bytes // BYTES_PER_PARTITION))
         ids = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         return ids.groupby("id", num_partitions=partitions).map_groups(_all_but_first, batch_format="pyarrow")
@@ -193,17 +291,30 @@ def _version_keys(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(table.column("url"), fingerprint, b"\0").combine_chunks()
 
 
-def _without_shards(batch: pa.Table, *, shards: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch.column("shard"), value_set=shards)))
+def _ranked(batch: pa.Table, *, superseded: pa.Array, new: pa.Array) -> pa.Table:
+    """A pass's ids of current versions, each with its rank: NEW in a shard whose version is newer than
+    the last listing, else KEPT (REJECTED_BEFORE comes from the marks)."""
+    batch = batch.filter(pc.invert(pc.is_in(batch.column("shard"), value_set=superseded)))
+    is_new = pc.is_in(batch.column("shard"), value_set=new).to_numpy(zero_copy_only=False)
+    return batch.append_column("rank", pa.array(np.where(is_new, NEW, KEPT).astype(np.int8)))
 
 
-def _rows_written(fs, folder: str) -> int:
-    """Rows in the Parquet files under folder, from their footers: counting the dataset would read the
-    whole input again. Ray writes no file (and so, on disk, no folder) when there is no repeat."""
-    try:
-        return ds.dataset(folder, filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA).count_rows()
-    except FileNotFoundError:
-        return 0
+def _rows_written(fs, folder: str, listing: str) -> tuple[int, int, list[str]]:
+    """The repeats a listing holds and its rows that are no longer repeats, counted from its files
+    (counting the dataset would read the whole input again), and the first few of those ('id at shard
+    row r'). Ray writes no file (and so, on disk, no folder) when there is no repeat."""
+    files = _listing_files(fs, folder, listing)
+    if not files:
+        return 0, 0, []
+    dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=DUPLICATES_SCHEMA)
+    first_gone = pc.field("first_shard").is_null()
+    no_longer = dataset.count_rows(filter=first_gone)
+    examples = dataset.head(5, columns=["id", "shard", "row"], filter=first_gone).to_pylist() if no_longer else []
+    return (
+        dataset.count_rows() - no_longer,
+        no_longer,
+        [f"{r['id']!r} at {r['shard']} row {r['row']}" for r in examples],
+    )
 
 
 def input_digest(shards: ShardListing) -> str:
@@ -220,19 +331,39 @@ def _ids_and_places(batch: pa.Table) -> pa.Table:
 
 
 def _all_but_first(group: pa.Table) -> pa.Table:
-    """The rows of one id after its earliest one, each with the earliest place."""
-    if group.num_rows < 2:
+    """The rows of one id (RANKED_SCHEMA) after its first (the lowest rank, then the earliest shard
+    and row), each with the first's place; the first too, with no place, where the last listing had
+    rejected it (it is no longer a repeat)."""
+    if group.num_rows < 2:  # one row, or one mark without its row (a shard deleted since)
         return DUPLICATES_SCHEMA.empty_table()
-    ordered = group.sort_by([("shard", "ascending"), ("row", "ascending")])
-    later = ordered.slice(1)
+    is_mark = pc.equal(group.column("rank"), REJECTED_BEFORE)
+    rows, marks = group.filter(pc.invert(is_mark)), group.filter(is_mark)
+    if marks.num_rows:
+        marked = pc.is_in(_places(rows), value_set=_places(marks)).to_numpy(zero_copy_only=False)
+        ranks = np.where(marked, REJECTED_BEFORE, rows.column("rank").to_numpy()).astype(np.int8)
+        rows = rows.set_column(rows.schema.get_field_index("rank"), "rank", pa.array(ranks))
+    if not rows.num_rows:
+        return DUPLICATES_SCHEMA.empty_table()
+    ordered = rows.sort_by([("rank", "ascending"), ("shard", "ascending"), ("row", "ascending")])
     first_shard, first_row = ordered.column("shard")[0].as_py(), ordered.column("row")[0].as_py()
+    no_longer_a_repeat = ordered.column("rank")[0].as_py() == REJECTED_BEFORE
+    listed = ordered if no_longer_a_repeat else ordered.slice(1)
+    places = [(first_shard, first_row)] * listed.num_rows
+    if no_longer_a_repeat:
+        places[0] = (None, None)
     return pa.table(
         {
-            "id": later.column("id"),
-            "shard": later.column("shard"),
-            "row": later.column("row"),
-            "first_shard": pa.array([first_shard] * later.num_rows, pa.string()),
-            "first_row": pa.array([first_row] * later.num_rows, pa.int64()),
+            "id": listed.column("id"),
+            "shard": listed.column("shard"),
+            "row": listed.column("row"),
+            "first_shard": pa.array([p[0] for p in places], pa.string()),
+            "first_row": pa.array([p[1] for p in places], pa.int64()),
         },
         schema=DUPLICATES_SCHEMA,
     )
+
+
+def _places(rows: pa.Table) -> pa.Array:
+    """shard and row of each row as one key."""
+    row = pc.cast(rows.column("row"), pa.string())
+    return pc.binary_join_element_wise(rows.column("shard"), row, "\0").combine_chunks()

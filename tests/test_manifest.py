@@ -416,12 +416,26 @@ def test_repeated_ids_are_listed_once_per_input_and_a_changed_input_reads_only_i
     assert repeats == {url_b: {0: f"id 'x' was already seen at {url_a} row 0"}} and read == [["a.jsonl", "b.jsonl"]]
     assert listed()[1] == repeats and len(read) == 1  # a resumed run over the same input reuses the list
 
+    # A listing made before listings had folders of their own (its files straight in duplicates/) is
+    # reused the same way, and replaced by the next one.
+    folder = tmp_path / "out" / "duplicates"
+    done = json.loads((folder / "_done.json").read_text())
+    for file in (folder / done["listing"]).iterdir():
+        file.rename(folder / file.name)
+    (folder / done["listing"]).rmdir()
+    (folder / "_done.json").write_text(json.dumps({"input_sha256": done["input_sha256"], "repeats": 1}))
+    assert listed()[1] == repeats and len(read) == 1
+
     (tmp_path / "in" / "c.jsonl").write_bytes(jsonl_bytes([{"id": "y", "text": "later"}]))
-    (tmp_path / "out" / "duplicates" / "_ids" / "000099").mkdir()  # a pass interrupted before its shard list
+    (folder / "_ids" / "000099").mkdir()  # a pass interrupted before its shard list
+    (folder / "listing-interrupted").mkdir()  # a listing interrupted before _done.json named it
+    (folder / "listing-interrupted" / "part.parquet").write_bytes(b"not parquet")
     (_, _, url_c), grown = listed()
     assert read[-1] == ["c.jsonl"], "only the new shard is read"
     assert grown == {**repeats, url_c: {0: f"id 'y' was already seen at {url_a} row 1"}}
-    assert not (tmp_path / "out" / "duplicates" / "_ids" / "000099").exists()
+    assert not (folder / "_ids" / "000099").exists()
+    listing = json.loads((folder / "_done.json").read_text())["listing"]
+    assert sorted(p.name for p in folder.iterdir()) == ["_done.json", "_ids", listing]
     fresh = config.model_copy(update={"output": str(tmp_path / "fresh")})
     assert listed(fresh)[1] == grown, "as a first listing of the same input finds"
 

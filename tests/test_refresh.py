@@ -396,3 +396,56 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
     assert {g: names(shards) for g, shards in plan.unfinished.items()} == {2: ["u0.jsonl"]}
     assert list(plan.committed) == [2] and list(plan.committed[2].values()) == [[(0, 3)]]
     assert not planned(root, listed).unfinished  # the old-format checkpoint: everything read to its end
+
+
+def test_refreshes_with_reject_keep_an_ids_embedded_row_and_say_which_repeats_lost_their_first(
+    ray_local, tmp_path, tiny_checkpoint, caplog
+):
+    """--duplicate-ids reject over refreshes: a new shard repeating an id that an embedded row holds is
+    the repeat, whatever the order of their shards, so the output keeps each id once; when the row an
+    id kept is changed away, its rejected repeats are no longer repeats, said in the log and in
+    duplicates/_done.json (those rows were dead letters already: nothing is embedded twice)."""
+    import json
+
+    import fsspec
+
+    from pipeline.io.layout import DUPLICATES
+
+    fs, folder, out = fsspec.filesystem("file"), str(tmp_path / "in"), str(tmp_path / "out")
+
+    def current() -> dict[str, str]:
+        table = current_rows(out, columns=["id", "shard"]).read_all()
+        ids = table.column("id").to_pylist()
+        assert len(ids) == len(set(ids)), "each id in the output once"
+        return dict(zip(ids, [s.rsplit("/", 1)[-1] for s in table.column("shard").to_pylist()], strict=True))
+
+    corpus = {
+        "a.jsonl": [{"id": "x1", "text": "one"}, {"id": "same", "text": "the first same"}],
+        "b.jsonl": [{"id": "same", "text": "a later same"}, {"id": "x2", "text": "two"}],
+    }
+    write(fs, folder, corpus)
+    run(folder, out, tiny_checkpoint, duplicate_ids="reject")
+    assert current() == {"x1": "a.jsonl", "same": "a.jsonl", "x2": "b.jsonl"}
+
+    # A new shard, sorting first, repeats the id of b's embedded row: the new row is the repeat.
+    corpus["0.jsonl"] = [{"id": "x2", "text": "a new two"}, {"id": "x3", "text": "three"}]
+    write(fs, folder, corpus)
+    run(folder, out, tiny_checkpoint, duplicate_ids="reject", refresh=True)
+    assert current() == {"x1": "a.jsonl", "same": "a.jsonl", "x2": "b.jsonl", "x3": "0.jsonl"}
+    report = verify_output(out)
+    assert report.ok, report.problems
+
+    # a rewritten without "same": b's rejected "same" is no longer a repeat, and stays a dead letter.
+    corpus["a.jsonl"] = [{"id": "x1", "text": "one"}, {"id": "y", "text": "a new row, longer than before"}]
+    write(fs, folder, corpus)
+    with caplog.at_level("WARNING", logger="pipeline.duplicate_ids"):
+        run(folder, out, tiny_checkpoint, duplicate_ids="reject", refresh=True)
+    assert current() == {"x1": "a.jsonl", "y": "a.jsonl", "x2": "b.jsonl", "x3": "0.jsonl"}
+    assert "1 rows were rejected as repeats of a row the input no longer has" in caplog.text
+    assert f"'same' at file://{folder}/b.jsonl row 0" in caplog.text
+    done = json.loads((tmp_path / "out" / DUPLICATES / "_done.json").read_text())
+    assert (done["repeats"], done["no_longer_repeats"], done["generation"]) == (1, 1, 2)
+    listings = [p.name for p in (tmp_path / "out" / DUPLICATES).iterdir() if not p.name.startswith("_")]
+    assert listings == [done["listing"]], "the last listing, replaced once the new one is named"
+    report = verify_output(out)
+    assert report.ok, report.problems

@@ -12,8 +12,9 @@ _checkpoint/<seq>.parquet  the commit and read records above compacted into one 
 _inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
 _vacuum.json               the parts an interrupted vacuum was deleting (vacuum.py)
-duplicates/                with duplicate_ids flag/reject: every repeat of an id and where its first is,
-                           as Parquet files, and _done.json naming the input they were found in
+duplicates/                with duplicate_ids flag/reject: listing-<input>/, every repeat of an id and
+                           where its first is, as Parquet files; _done.json naming the listing and the
+                           input it was found in; _ids/, every id with its shard and row (duplicate_ids.py)
 
 Outputs of manifest version 1 kept one _shards/<key>.json per shard read and _failed/<key>.json per shard
 failed: they are still read, and the first compaction folds them into a checkpoint.
