@@ -284,7 +284,7 @@ def fold_records(fs: fsspec.AbstractFileSystem, root: str, lease_token: int) -> 
     recovery. Returns the number of checkpoints written."""
     written = 0
     for batch in records_in_batches(fs, root, FOLD_FACTS):
-        if not worth_compacting(batch):  # only the last batch can be this small
+        if batch.facts_in_records < FOLD_FACTS and not worth_compacting(batch):  # the last few records
             break
         read_checkpoint(fs, root, batch, shard_facts=False)
         if not compact(fs, root, batch, lease_token, running=True):
