@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,8 +18,9 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 from s3fs import S3FileSystem
 
+from pipeline.config import AZURE_PROTOCOLS, GCS_PROTOCOLS
 from pipeline.errors import NoInputError
-from pipeline.io.layout import url_column, urls_of
+from pipeline.io.layout import speaks, url_column, urls_of
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt",)
@@ -93,6 +95,8 @@ LISTING_SCHEMA = pa.schema(
 )
 LISTING_CHUNK = 8_192  # entries gathered in Python before they become columns
 S3_PAGE_KEYS = 1_000  # S3's most per listing request
+GCS_PAGE_OBJECTS = 1_000  # what gcsfs's own listing asks for per request
+AZURE_PAGE_BLOBS = 1_000
 
 
 class ShardListing(Sequence):
@@ -238,15 +242,16 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
     """(name, info) of `path` itself, or of every file below it.
 
     An object store is listed in one recursive listing (a request per 1,000 objects, where a folder at
-    a time would be a request per folder). S3's comes a page at a time (_s3_objects); another store's
-    `find` gathers every object's info dict first, about 1 KB each, and fills a listing cache that
-    discover_shards empties, or the driver would hold them for the whole run. A local folder is walked
-    a folder at a time, so that only one folder's info dicts are alive at once.
+    a time would be a request per folder), a page at a time on S3, GCS and Azure (_objects_in_pages):
+    fsspec's `find` gathers every object's info dict first, about 1 KB each, and fills a listing cache
+    that discover_shards empties, or the driver would hold them for the whole run; it lists any other
+    store (and a version-aware one). A local folder is walked a folder at a time, so that only one
+    folder's info dicts are alive at once.
     """
     if info.get("type") != "directory":
         yield path, info
-    elif isinstance(fs, S3FileSystem) and not fs.version_aware:
-        yield from _s3_objects(fs, path)
+    elif _lists_in_pages(fs):
+        yield from _objects_in_pages(fs, path)
     elif isinstance(fs, LocalFileSystem):
         for _, folders, files in fs.walk(path, detail=True):
             # In the order of their paths' bytes (a folder's name with its "/"): files kept in leaf
@@ -260,11 +265,12 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
 
 
 def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tuple[str, dict]]:
-    """(name, info) of every file a glob matches, or that is below a folder it matches. On S3, from a
-    listing a page at a time of the keys the glob's fixed start names, matched here as fsspec's glob
-    matches (fsspec.utils.glob_translate); elsewhere, fsspec's glob and a search in each folder."""
+    """(name, info) of every file a glob matches, or that is below a folder it matches. On S3, GCS and
+    Azure, from a listing a page at a time of the keys the glob's fixed start names, matched here as
+    fsspec's glob matches (fsspec.utils.glob_translate); elsewhere, fsspec's glob and a search in each
+    folder."""
     fixed = _before_wildcard(pattern)
-    if not (isinstance(fs, S3FileSystem) and not fs.version_aware and "/" in fixed):
+    if not (_lists_in_pages(fs) and "/" in fixed):
         for name, info in fs.glob(pattern, detail=True).items():
             yield from _files(fs, name, info)
         return
@@ -272,7 +278,7 @@ def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tupl
     # A folder is matched with a "/" after its name when the glob ends in one or in "/**", as fsspec does.
     folder_end = "/" if pattern.endswith(("/", "/**")) else ""
     matches = re.compile(glob_translate(pattern.rstrip("/") + ("/" if pattern.endswith("/") else ""))).match
-    for name, info in _s3_objects(fs, root, stem):
+    for name, info in _objects_in_pages(fs, root, stem):
         below = name[len(root) + 1 :].split("/")
         folders = (f"{root}/{'/'.join(below[:depth])}{folder_end}" for depth in range(1, len(below)))
         if matches(name) or any(matches(folder) for folder in folders):
@@ -284,22 +290,65 @@ def _before_wildcard(pattern: str) -> str:
     return pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)]
 
 
-def _s3_objects(fs: S3FileSystem, path: str, stem: str = "") -> Iterator[tuple[str, dict]]:
-    """(name, info) of every object below path (whose name there starts with stem), a page of
-    S3_PAGE_KEYS at a time, in the order S3 lists keys: by their UTF-8 bytes, which is the listing's
-    order. Each page is a request of its own, retried as s3fs retries any (call_s3)."""
+def _lists_in_pages(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether _objects_in_pages lists this store (not a version-aware one: fsspec's find does)."""
+    paged = isinstance(fs, S3FileSystem) or speaks(fs, (*GCS_PROTOCOLS, *AZURE_PROTOCOLS))
+    return paged and not getattr(fs, "version_aware", False)
+
+
+def _objects_in_pages(fs: fsspec.AbstractFileSystem, path: str, stem: str = "") -> Iterator[tuple[str, dict]]:
+    """(name, info) of every object below path (whose name there starts with stem), a page at a time
+    (one request each, retried as the store's library retries any), the info of each as the library's
+    own listing gives it, so the fingerprints are the same. In the order the store lists names: by
+    their UTF-8 bytes, the listing's order."""
     bucket, key, _ = fs.split_path(path)
     prefix = (key.rstrip("/") + "/" if key else "") + stem
-    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS}
+    page_of = _s3_page if isinstance(fs, S3FileSystem) else _azure_page if speaks(fs, AZURE_PROTOCOLS) else _gcs_page
+    token = None
     while True:
-        page = fs.call_s3("list_objects_v2", **request)
-        for entry in page.get("Contents", []):
-            # The fields shard_fingerprint reads, as s3fs's own listing names them: same fingerprints.
-            info = {"size": entry["Size"], "ETag": entry.get("ETag"), "LastModified": entry.get("LastModified")}
-            yield f"{bucket}/{entry['Key']}", {"name": f"{bucket}/{entry['Key']}", "type": "file", **info}
-        if not page.get("IsTruncated"):
+        infos, token = page_of(fs, bucket, prefix, token)
+        for info in infos:
+            yield info["name"], info
+        if token is None:
             return
-        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _s3_page(fs: S3FileSystem, bucket: str, prefix: str, token: str | None) -> tuple[list[dict], str | None]:
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS}
+    page = fs.call_s3("list_objects_v2", **request, **({"ContinuationToken": token} if token else {}))
+    infos = [
+        # The fields shard_fingerprint reads, as s3fs's own listing names them.
+        {"name": f"{bucket}/{entry['Key']}", "type": "file", "size": entry["Size"]}
+        | {"ETag": entry.get("ETag"), "LastModified": entry.get("LastModified")}
+        for entry in page.get("Contents", [])
+    ]
+    return infos, page["NextContinuationToken"] if page.get("IsTruncated") else None
+
+
+def _gcs_page(fs, bucket: str, prefix: str, token: str | None) -> tuple[list[dict], str | None]:
+    """A page of GCS's objects.list, as gcsfs's find asks for them (no delimiter: every object below)."""
+    request = {"maxResults": GCS_PAGE_OBJECTS} | ({"prefix": prefix} if prefix else {})
+    page = fs.call("GET", "b/{}/o", bucket, json_out=True, **request, **({"pageToken": token} if token else {}))
+    return [fs._process_object(bucket, item) for item in page.get("items", [])], page.get("nextPageToken")
+
+
+def _azure_page(fs, container: str, prefix: str, token: str | None) -> tuple[list[dict], str | None]:
+    """A page of Azure's List Blobs, as adlfs's find asks for them and turns them into info dicts."""
+    return fsspec.asyn.sync(fs.loop, _azure_page_async, fs, container, prefix, token)
+
+
+async def _azure_page_async(fs, container: str, prefix: str, token: str | None) -> tuple[list[dict], str | None]:
+    async with fs.service_client.get_container_client(container=container) as client:
+        listing = client.list_blobs(
+            include=["metadata"], name_starts_with=prefix or None, results_per_page=AZURE_PAGE_BLOBS
+        )
+        pages = listing.by_page(continuation_token=token)
+        try:
+            page = await pages.__anext__()
+        except StopAsyncIteration:
+            return [], None
+        infos = await fs._details([blob async for blob in page])
+    return [i for i in infos if i["type"] == "file"], pages.continuation_token or None
 
 
 def _utf8(name: str) -> bytes:
