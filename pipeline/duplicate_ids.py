@@ -39,6 +39,7 @@ import ray
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import JobConfig, StorageConfig
+from pipeline.faults import failpoint
 from pipeline.io.generations import recorded_inputs
 from pipeline.io.layout import (
     DUPLICATES,
@@ -141,6 +142,7 @@ def rows_to_reject(config: JobConfig, shards: ShardListing) -> RepeatedRows | No
             repeats.write_parquet(
                 join(folder, listing), filesystem=PyFileSystem(FSSpecHandler(fs)), min_rows_per_file=100_000
             )
+        failpoint("duplicates.before_done")
         found, no_longer, examples = _rows_written(fs, folder, listing)
         generation = len(record["generations"]) - 1 if record else None
         done = {"input_sha256": digest, "listing": listing, "generation": generation, "repeats": found}

@@ -399,7 +399,7 @@ def test_status_reads_shard_facts_a_batch_of_urls_at_a_time_and_counts_what_a_wh
 
 
 def test_refreshes_with_reject_keep_an_ids_embedded_row_and_say_which_repeats_lost_their_first(
-    ray_local, tmp_path, tiny_checkpoint, caplog
+    ray_local, tmp_path, tiny_checkpoint, caplog, monkeypatch
 ):
     """--duplicate-ids reject over refreshes: a new shard repeating an id that an embedded row holds is
     the repeat, whatever the order of their shards, so the output keeps each id once; when the row an
@@ -409,6 +409,7 @@ def test_refreshes_with_reject_keep_an_ids_embedded_row_and_say_which_repeats_lo
 
     import fsspec
 
+    from pipeline.faults import SimulatedCrash, crash_at
     from pipeline.io.layout import DUPLICATES
 
     fs, folder, out = fsspec.filesystem("file"), str(tmp_path / "in"), str(tmp_path / "out")
@@ -436,8 +437,13 @@ def test_refreshes_with_reject_keep_an_ids_embedded_row_and_say_which_repeats_lo
     assert report.ok, report.problems
 
     # a rewritten without "same": b's rejected "same" is no longer a repeat, and stays a dead letter.
+    # The first try stops with the new listing written but not yet named: the last one is still there
+    # to keep to.
+    monkeypatch.setattr("pipeline.io.lease.TAKEOVER_GRACE_S", 0.0)
     corpus["a.jsonl"] = [{"id": "x1", "text": "one"}, {"id": "y", "text": "a new row, longer than before"}]
     write(fs, folder, corpus)
+    with crash_at("duplicates.before_done"), pytest.raises(SimulatedCrash):
+        run(folder, out, tiny_checkpoint, duplicate_ids="reject", refresh=True)
     with caplog.at_level("WARNING", logger="pipeline.duplicate_ids"):
         run(folder, out, tiny_checkpoint, duplicate_ids="reject", refresh=True)
     assert current() == {"x1": "a.jsonl", "y": "a.jsonl", "x2": "b.jsonl", "x3": "0.jsonl"}
