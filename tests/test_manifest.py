@@ -70,6 +70,13 @@ def state_facts(state) -> tuple:
     )
 
 
+@pytest.fixture(autouse=True)
+def replaced_checkpoints_go_at_once(monkeypatch):
+    """These tests count checkpoints: one replaced goes at once, not CHECKPOINT_GRACE_S later (tested
+    on its own below)."""
+    monkeypatch.setattr(compaction, "CHECKPOINT_GRACE_S", 0.0)
+
+
 def test_a_read_task_ships_its_own_shards_not_the_whole_listing(tmp_path):
     """The driver keeps a million shards as columns, and each read task gets a copy of its own rows: an
     Arrow slice would pickle the whole listing's buffers into every task."""
@@ -221,6 +228,37 @@ def test_records_that_name_more_facts_than_a_fold_holds_are_compacted_a_batch_at
     assert not list((tmp_path / "out" / COMMITS).iterdir()) and not list((tmp_path / "out" / READS).iterdir())
     assert state_facts(read_state(fs, root)) == state_facts(before)
     assert state.committed_rows == before.committed_rows == 36
+
+
+def test_a_replaced_checkpoint_stays_a_while_for_the_readers_that_started_on_it(tmp_path, monkeypatch):
+    """`status` reads the checkpoint a batch at a time, and a fold replaces it every second or so: a
+    checkpoint stays until the one that replaced it is CHECKPOINT_GRACE_S old (by the store's clock),
+    so a reader that started on it finishes; then the next compaction deletes it."""
+    import os
+
+    from pipeline.io.compaction import DONE, shard_facts_in_batches
+
+    monkeypatch.setattr(compaction, "CHECKPOINT_GRACE_S", 600.0)
+    monkeypatch.setattr(compaction, "COMPACT_AFTER_RECORDS", 1)
+    folder = tmp_path / "out" / CHECKPOINTS
+    fs, root = committed_output(tmp_path, parts=3)
+    with acquire_lease(fs, root) as lease:
+        recover(fs, root, lease.token)
+        reader = read_state(fs, root, shard_facts=False)  # a status starts on checkpoint 1
+        committed_output(tmp_path, parts=5, first=3)
+        recover(fs, root, lease.token)
+        committed_output(tmp_path, parts=7, first=5)
+        recover(fs, root, lease.token)
+        assert sorted(p.name for p in folder.iterdir()) == [f"000000000{n}.parquet" for n in (1, 2, 3)]
+        read_on = pa.concat_tables(shard_facts_in_batches(fs, reader, DONE))  # still checkpoint 1's
+        assert sorted(urls_of(read_on.column("url"))) == [f"file:///in/{i}.jsonl" for i in range(3)]
+
+        aged = (folder / "0000000002.parquet").stat().st_mtime - 601
+        os.utime(folder / "0000000002.parquet", (aged, aged))  # replaced checkpoint 1 ten minutes ago
+        committed_output(tmp_path, parts=8, first=7)
+        recover(fs, root, lease.token)
+    assert sorted(p.name for p in folder.iterdir()) == [f"000000000{n}.parquet" for n in (2, 3, 4)]
+    assert len(read_state(fs, root).commits) == 8
 
 
 @pytest.mark.parametrize("point", ["compact.after_checkpoint", "compact.after_records"])

@@ -17,7 +17,9 @@ checkpoint written before this (its commits' ranges inside their records) is sti
 Crash-safe at every step: readers take the newest checkpoint plus every record still there, and
 the facts merge idempotently (a part by its name, a shard by its URL), so a record deleted late is
 only read twice. The checkpoint is created only if its name is free, so two compactions that read
-the same state cannot both write the next one.
+the same state cannot both write the next one. A checkpoint stays CHECKPOINT_GRACE_S after a newer
+one replaced it, as table formats keep a snapshot until it expires: a `status` or `verify` that
+reads it a batch at a time finishes on it, though a fold writes a new one every second or so.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pipeline.io.layout import (
     create_exclusive,
     join,
     listing,
+    modified_s,
     name_of,
     remove_many,
     url_column,
@@ -62,6 +65,10 @@ COMPACT_AFTER_FACTS = 10_000
 # fold (measured, benchmarks/RESULTS.md), so ~150 MB a batch, however many the records name. Each
 # batch rewrites the checkpoint: 2x10^6 facts in records take 8 (6.8 s against 5.0 s folded at once).
 FOLD_FACTS = 250_000
+
+
+# How long a replaced checkpoint stays for the readers that started on it (by the store's clock).
+CHECKPOINT_GRACE_S = 600.0
 
 
 def worth_compacting(state: OutputState) -> bool:
@@ -91,7 +98,8 @@ def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState
     shard_facts=False leaves a sorted checkpoint's done shards and ranges in the file, for
     shard_facts_in_batches; its commits' ranges are then empty."""
     for attempt in range(3):
-        paths = sorted(listing(fs, join(root, CHECKPOINTS), ".parquet"))
+        listed = listing(fs, join(root, CHECKPOINTS), ".parquet")
+        paths = sorted(listed)
         if not paths:
             return
         try:
@@ -106,7 +114,7 @@ def read_checkpoint(fs: fsspec.AbstractFileSystem, root: str, state: OutputState
             if attempt == 2:
                 raise
             continue
-        state.checkpoints = paths
+        state.checkpoints, state.checkpoint_times = paths, listed
         # An older checkpoint lacks the range columns.
         _merge(state, with_every_column(table, CHECKPOINT_SCHEMA), facts_as_rows=is_sorted(table.schema))
         return
@@ -320,7 +328,21 @@ def compact(
     failpoint("compact.after_checkpoint")
     remove_many(fs, state.records)
     failpoint("compact.after_records")
-    remove_many(fs, state.checkpoints)
+    fs.invalidate_cache(join(root, CHECKPOINTS))  # the listing above cached the folder without it
+    written = modified_s(fs.info(path))
+    expired = _expired(state, path, written)
+    remove_many(fs, expired)
     log.info("compacted %d records into %s", len(state.records), path)
-    state.records, state.checkpoints = [], [path]
+    state.records = []
+    state.checkpoints = [p for p in state.checkpoints if p not in expired] + [path]
+    state.checkpoint_times = {p: t for p, t in state.checkpoint_times.items() if p not in expired} | {path: written}
     return True
+
+
+def _expired(state: OutputState, written: str, now: float) -> list[str]:
+    """The checkpoints the state listed whose successor (the next one listed, or written, just now)
+    was written CHECKPOINT_GRACE_S or more before now, by the store's clock: no reader that started
+    on them is left."""
+    times = state.checkpoint_times | {written: now}
+    successors = zip(state.checkpoints, [*state.checkpoints[1:], written][: len(state.checkpoints)], strict=True)
+    return [old for old, newer in successors if now - times.get(newer, now) >= CHECKPOINT_GRACE_S]

@@ -8,7 +8,8 @@ parts/<part>.parquet       committed embeddings, published after its commit reco
 errors/<part>.parquet      the same part's dead letters: rows that could not be embedded, and why
 _reads/<id>.json           one read task's shards: read to their end (URL, fingerprint, rows), or
                            failed part way (corrupt, denied, vanished: rows read, reason)
-_checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py)
+_checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py); the
+                           newest counts, those it replaced stay ten minutes for their readers
 _inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
 _vacuum.json               the parts an interrupted vacuum was deleting (vacuum.py)

@@ -159,6 +159,8 @@ class OutputState:
     """Per-shard facts (a shard's range in a part, a shard read or failed) those records hold."""
     checkpoints: list[str] = field(default_factory=list)
     """Paths of the checkpoints there, oldest first; the state holds the last one's contents."""
+    checkpoint_times: dict[str, float] = field(default_factory=dict)
+    """When each was written, by the store's clock (compaction.CHECKPOINT_GRACE_S)."""
     vacuuming: set[str] = field(default_factory=set)
     """Parts an interrupted vacuum was deleting (_vacuum.json): their files are no orphans."""
     facts_in_checkpoint: bool = False
