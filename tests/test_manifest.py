@@ -253,11 +253,18 @@ def test_a_replaced_checkpoint_stays_a_while_for_the_readers_that_started_on_it(
         read_on = pa.concat_tables(shard_facts_in_batches(fs, reader, DONE))  # still checkpoint 1's
         assert sorted(urls_of(read_on.column("url"))) == [f"file:///in/{i}.jsonl" for i in range(3)]
 
-        aged = (folder / "0000000002.parquet").stat().st_mtime - 601
-        os.utime(folder / "0000000002.parquet", (aged, aged))  # replaced checkpoint 1 ten minutes ago
+        def age(name: str) -> None:  # as if written ten minutes ago
+            aged = (folder / name).stat().st_mtime - 601
+            os.utime(folder / name, (aged, aged))
+
+        age("0000000002.parquet")  # replaced checkpoint 1 ten minutes ago
         committed_output(tmp_path, parts=8, first=7)
         recover(fs, root, lease.token)
-    assert sorted(p.name for p in folder.iterdir()) == [f"000000000{n}.parquet" for n in (2, 3, 4)]
+        assert sorted(p.name for p in folder.iterdir()) == [f"000000000{n}.parquet" for n in (2, 3, 4)]
+        age("0000000003.parquet")
+        age("0000000004.parquet")
+        recover(fs, root, lease.token)  # nothing to compact: a finished output's next run removes them too
+    assert sorted(p.name for p in folder.iterdir()) == ["0000000004.parquet"]
     assert len(read_state(fs, root).commits) == 8
 
 

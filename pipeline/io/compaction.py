@@ -48,7 +48,7 @@ from pipeline.io.layout import (
     urls_of,
     with_every_column,
 )
-from pipeline.io.lease import check_lease
+from pipeline.io.lease import check_lease, store_now
 from pipeline.io.ledger import DONE_SCHEMA, RANGES_SCHEMA, PackedRanges, unique_done
 from pipeline.io.manifest import CommitRecord, FileFailure, OutputState, records_in_batches
 from pipeline.io.sorted_facts import SORTED_BY, in_step, is_sorted, sorted_by_url
@@ -330,19 +330,27 @@ def compact(
     failpoint("compact.after_records")
     fs.invalidate_cache(join(root, CHECKPOINTS))  # the listing above cached the folder without it
     written = modified_s(fs.info(path))
-    expired = _expired(state, path, written)
-    remove_many(fs, expired)
     log.info("compacted %d records into %s", len(state.records), path)
     state.records = []
-    state.checkpoints = [p for p in state.checkpoints if p not in expired] + [path]
-    state.checkpoint_times = {p: t for p, t in state.checkpoint_times.items() if p not in expired} | {path: written}
+    state.checkpoints.append(path)
+    state.checkpoint_times[path] = written
+    _remove_expired(fs, state, written)
     return True
 
 
-def _expired(state: OutputState, written: str, now: float) -> list[str]:
-    """The checkpoints the state listed whose successor (the next one listed, or written, just now)
-    was written CHECKPOINT_GRACE_S or more before now, by the store's clock: no reader that started
-    on them is left."""
-    times = state.checkpoint_times | {written: now}
-    successors = zip(state.checkpoints, [*state.checkpoints[1:], written][: len(state.checkpoints)], strict=True)
-    return [old for old, newer in successors if now - times.get(newer, now) >= CHECKPOINT_GRACE_S]
+def expire_checkpoints(fs: fsspec.AbstractFileSystem, root: str, state: OutputState) -> None:
+    """Delete the checkpoints replaced CHECKPOINT_GRACE_S ago or more. A compaction does as it writes
+    a new one; an output that is not compacted again gets here at its next run's recovery."""
+    if len(state.checkpoints) > 1:
+        _remove_expired(fs, state, store_now(fs, root))
+
+
+def _remove_expired(fs: fsspec.AbstractFileSystem, state: OutputState, now: float) -> None:
+    """Delete the checkpoints whose successor was written CHECKPOINT_GRACE_S or more before now, by
+    the store's clock (no reader that started on them is left), and forget them in state."""
+    times = state.checkpoint_times
+    successors = zip(state.checkpoints, state.checkpoints[1:], strict=False)
+    expired = [old for old, newer in successors if now - times.get(newer, now) >= CHECKPOINT_GRACE_S]
+    remove_many(fs, expired)
+    state.checkpoints = [p for p in state.checkpoints if p not in expired]
+    state.checkpoint_times = {p: t for p, t in times.items() if p not in expired}

@@ -149,7 +149,7 @@ def read_lease(fs: fsspec.AbstractFileSystem, root: str, now_s: float | None = N
     alive = entries.get(join(root, LEASE, f"{token:012d}.alive"), tokens[token])
     released = join(root, LEASE, f"{token:012d}.released") in entries
     abandoned = join(root, LEASE, f"{token:012d}.abandoned") in entries
-    age = (_store_now(fs, root) if now_s is None else now_s) - alive
+    age = (store_now(fs, root) if now_s is None else now_s) - alive
     return LeaseState(holder, tokens[token], age, released, abandoned)
 
 
@@ -270,7 +270,7 @@ def _forget_old_tokens(fs: fsspec.AbstractFileSystem, root: str, keep_from: int)
             fs.rm(name)
 
 
-def _store_now(fs: fsspec.AbstractFileSystem, root: str) -> float:
+def store_now(fs: fsspec.AbstractFileSystem, root: str) -> float:
     """Now, by the store's clock: a local file's mtime is ours; S3 stamps a probe object."""
     if is_local(fs):
         return time.time()

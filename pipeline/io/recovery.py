@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.compaction import compact, fold_records, worth_compacting
+from pipeline.io.compaction import compact, expire_checkpoints, fold_records, worth_compacting
 from pipeline.io.layout import (
     COMMITS,
     ERRORS,
@@ -64,6 +64,8 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, s
     _recover(fs, root, state)
     if lease_token and worth_compacting(state) and compact(fs, root, state, lease_token) and not shard_facts:
         state = read_state(fs, root, shard_facts=False)  # the records' facts, now in the checkpoint's file
+    if lease_token:
+        expire_checkpoints(fs, root, state)
     return state
 
 
