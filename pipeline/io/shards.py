@@ -250,7 +250,7 @@ def _files(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> Iterator[tup
     """
     if info.get("type") != "directory":
         yield path, info
-    elif _lists_in_pages(fs):
+    elif _pager(fs):
         yield from _objects_in_pages(fs, path)
     elif isinstance(fs, LocalFileSystem):
         for _, folders, files in fs.walk(path, detail=True):
@@ -270,7 +270,7 @@ def _matched_files(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[tupl
     fsspec's glob matches (fsspec.utils.glob_translate); elsewhere, fsspec's glob and a search in each
     folder."""
     fixed = _before_wildcard(pattern)
-    if not (_lists_in_pages(fs) and "/" in fixed):
+    if not (_pager(fs) and "/" in fixed):
         for name, info in fs.glob(pattern, detail=True).items():
             yield from _files(fs, name, info)
         return
@@ -290,10 +290,16 @@ def _before_wildcard(pattern: str) -> str:
     return pattern[: min(pattern.find(ch) for ch in "*?[" if ch in pattern)]
 
 
-def _lists_in_pages(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether _objects_in_pages lists this store (not a version-aware one: fsspec's find does)."""
-    paged = isinstance(fs, S3FileSystem) or speaks(fs, (*GCS_PROTOCOLS, *AZURE_PROTOCOLS))
-    return paged and not getattr(fs, "version_aware", False)
+def _pager(fs: fsspec.AbstractFileSystem):
+    """The function that lists a page of this store's objects (_objects_in_pages), or None where
+    fsspec's find lists it: another store, or a version-aware one."""
+    if getattr(fs, "version_aware", False):
+        return None
+    if isinstance(fs, S3FileSystem):
+        return _s3_page
+    if speaks(fs, GCS_PROTOCOLS):
+        return _gcs_page
+    return _azure_page if speaks(fs, AZURE_PROTOCOLS) else None
 
 
 def _objects_in_pages(fs: fsspec.AbstractFileSystem, path: str, stem: str = "") -> Iterator[tuple[str, dict]]:
@@ -303,7 +309,7 @@ def _objects_in_pages(fs: fsspec.AbstractFileSystem, path: str, stem: str = "") 
     their UTF-8 bytes, the listing's order."""
     bucket, key, _ = fs.split_path(path)
     prefix = (key.rstrip("/") + "/" if key else "") + stem
-    page_of = _s3_page if isinstance(fs, S3FileSystem) else _azure_page if speaks(fs, AZURE_PROTOCOLS) else _gcs_page
+    page_of = _pager(fs)
     token = None
     while True:
         infos, token = page_of(fs, bucket, prefix, token)
