@@ -214,8 +214,9 @@ def _quarantine_commit(
     _move_aside(fs, root, f"{COMMITS}/{commit.part}.json")
     if commit in state.commits:
         state.commits.remove(commit)
-    if join(root, COMMITS, f"{commit.part}.json") in state.records:  # no longer there for a compaction to delete
-        state.records.remove(join(root, COMMITS, f"{commit.part}.json"))
+    record = join(root, COMMITS, f"{commit.part}.json")
+    if record in state.records:  # no longer there for a compaction to delete
+        state.records.remove(record)
     log.warning("part %s moved to %s/: %s; its %d rows are embedded again", commit.part, QUARANTINE, why, commit.rows)
 
 
