@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -23,7 +24,6 @@ from pipeline.duplicate_ids import rows_to_reject
 from pipeline.io.generations import Changes, add_generation, plan_run, shard_counts
 from pipeline.io.lease import LeaseLostError, writer_lease
 from pipeline.io.manifest import dead_letter_example
-from pipeline.io.ranges import Range, count_rows
 from pipeline.io.recovery import compact_while_running, recover
 from pipeline.io.run_record import (
     InputChangedError,
@@ -35,6 +35,7 @@ from pipeline.io.run_record import (
 from pipeline.io.shards import ShardListing, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
+from pipeline.io.todo import ShardsToRead, remove_shards_to_read, write_shards_to_read
 from pipeline.model.cpu_allocator import GLIBC_TUNABLES
 from pipeline.model.devices import DEFAULT_MAX_TOKENS, device_type
 from pipeline.model.inspection import CheckpointFacts
@@ -72,9 +73,7 @@ class _Plan:
     config: JobConfig
     facts: CheckpointFacts
     tokenizer_json: str
-    shards: ShardListing
-    todo: ShardListing
-    committed: dict[str, list[Range]]
+    todo: ShardsToRead
     generation: int
     rows_per_byte: float | None
     lease_token: int
@@ -91,6 +90,7 @@ def run_embedding_job(
     started = time.monotonic()
     in_fs, in_path = filesystem_for(config.input, config.storage)
     shards = discover_shards(in_fs, in_path, config.format, config.fingerprint)
+    shard_count = len(shards)
     out_fs, out_root = filesystem_for(config.output, config.storage)
     check_paths(config, out_fs, out_root)
     sample = sample_input(config, shards)
@@ -109,7 +109,7 @@ def run_embedding_job(
         summary_of = partial(
             summarize,
             output=config.output,
-            shards=len(shards),
+            shards=shard_count,
             started=started,
             rows_before=state.committed_rows,
             chunks=config.long_documents == "chunk",
@@ -122,45 +122,58 @@ def run_embedding_job(
             log.info("generation %d: %s", generation, _described(changes))
             if changes.added or changes.changed:  # deletions alone need no model work
                 work[generation] = changes.added + changes.changed
+        todo = {
+            generation: write_shards_to_read(
+                config.output, config.storage, generation, listed, planned.committed.get(generation, {})
+            )
+            for generation, listed in work.items()
+        }
+        started_ray = connect_ray(config) if todo else False
+        repeats = _rows_to_reject(config, shards, started_ray) if todo else None
+        changed, change_counts, failed_at_plan = bool(changes), changes.counts() if changes else None, planned.failed
+        # From here on the graphs read their shards from _todo/: the listing's columns (about 120 B a
+        # shard) and its subsets go, rather than stay on the driver for the whole run.
+        del shards, planned, changes, work
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages for itself otherwise
         counters, progress_offset_s = None, 0.0
-        for generation, todo in work.items():
+        for generation, shards_to_read in todo.items():
             log.info(
                 "generation %d: %d of %d shards to do (%s) -> %s",
                 generation,
-                len(todo),
-                len(shards),
-                _mib(todo),
+                len(shards_to_read),
+                shard_count,
+                _mib(shards_to_read.size_bytes),
                 config.output,
             )
             plan = _Plan(
                 config,
                 facts,
                 tokenizer_json,
-                shards,
-                todo,
-                planned.committed.get(generation, {}),  # of the shards left to do
+                shards_to_read,
                 generation,
                 sample.rows_per_byte,
                 lease_token,
             )
-            ran, offset_s = _run_graph(plan, on_progress, started)
+            ran, offset_s = _run_graph(plan, repeats, started_ray, on_progress, started)
             counters, progress_offset_s = merge_counters(counters, ran), progress_offset_s or offset_s
             state = recover(out_fs, out_root, lease_token, shard_facts=False)
-        if not work:
+        if not todo:
             log.info("%s is complete: %d rows committed; nothing to embed", config.output, state.committed_rows)
-        if work or changes:  # what the output holds, or which versions are current, moved since the plan
+        if todo or changed:  # what the output holds, or which versions are current, moved since the plan
             _, failed = shard_counts(out_fs, out_root, record, state)
         else:  # a finished re-run: the plan's pass over the output found them already
-            failed = planned.failed
+            failed = failed_at_plan
         summary = summary_of(
             state=state,
             failed=failed,
             counters=counters,
             progress_offset_s=progress_offset_s,
             generation=len(record["generations"]) - 1,
-            changes=changes.counts() if changes else None,
+            changes=change_counts,
         )
         append_run(out_fs, out_root, summary)  # with its --max-error-rate, which verify holds the output to
+        if todo:
+            remove_shards_to_read(out_fs, out_root)
     return checked(summary, dead_letter_example(out_fs, out_root, state))
 
 
@@ -191,19 +204,28 @@ def _described(changes: Changes) -> str:
     return ", ".join(f"{n:,} shards {kind}" for kind, n in changes.counts().items() if n) or "no change"
 
 
-def _run_graph(plan: _Plan, on_progress, started: float) -> tuple[dict, float]:
-    """Read, pack, embed and commit the shards to do; the progress counters at the end, and their start."""
-    config, todo = plan.config, plan.todo
-    started_ray, progress = connect_ray(config), None
+def _rows_to_reject(config: JobConfig, shards: ShardListing, started_ray: bool):
+    """With duplicate_ids flag or reject, the repeated ids listed (duplicate_ids.rows_to_reject), once the
+    actors are known to fit."""
     try:
         check_actors_fit(config, local=started_ray)
-        repeats = rows_to_reject(config, plan.shards)
+        return rows_to_reject(config, shards)
+    except BaseException:
+        release_failed_job(None, started_ray)
+        raise
+
+
+def _run_graph(plan: _Plan, repeats, started_ray: bool, on_progress, started: float) -> tuple[dict, float]:
+    """Read, pack, embed and commit the shards to do; the progress counters at the end, and their start."""
+    config, todo = plan.config, plan.todo
+    progress = None
+    try:
         # On the driver's node: losing a worker node must not take the job's counters with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         progress = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressCounters).remote(
             total_shards=len(todo),
             total_bytes=todo.size_bytes,
-            rows_done_before=sum(count_rows(ranges) for ranges in plan.committed.values()),
+            rows_done_before=todo.committed_rows,
             rows_per_byte_guess=plan.rows_per_byte,
         )
         progress_offset_s = time.monotonic() - started
@@ -231,7 +253,6 @@ def _read_and_pack(plan: _Plan, repeats, progress):
             config.text_field,
             config.id_field,
             config.storage,
-            skip=plan.committed,
             repeats=repeats,
             strict=config.strict,
             outcomes=outcomes,
@@ -378,5 +399,5 @@ class _CompactWhileRunning(_WhileTheGraphRuns):
         return True
 
 
-def _mib(shards: ShardListing) -> str:
-    return f"{shards.size_bytes / 2**20:,.1f} MiB"
+def _mib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**20:,.1f} MiB"

@@ -14,9 +14,9 @@ from corpus import jsonl_bytes, make_docs
 
 from pipeline.config import StorageConfig
 from pipeline.faults import SimulatedCrash, crash_at
-from pipeline.io import compaction
+from pipeline.io import compaction, todo
 from pipeline.io.generations import recorded_inputs
-from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READS, RUN_RECORD, SHARDS, urls_of
+from pipeline.io.layout import CHECKPOINTS, COMMITS, FAILED, INPUTS, PARTS, READS, RUN_RECORD, SHARDS, TODO, urls_of
 from pipeline.io.lease import acquire_lease
 from pipeline.io.manifest import read_state
 from pipeline.io.recovery import recover, repair
@@ -89,6 +89,41 @@ def test_a_read_task_ships_its_own_shards_not_the_whole_listing(tmp_path):
     listing_bytes = len(cloudpickle.dumps(shards))
     assert len(tasks) >= 10
     assert max(len(cloudpickle.dumps(task)) for task in tasks) < listing_bytes / 3
+
+
+def test_the_jobs_read_tasks_take_runs_of_a_shards_file_and_leave_out_its_committed_rows(tmp_path, monkeypatch):
+    """The job writes its shards to read into the output (_todo/): a task carries its rows' numbers, not
+    its shards, and reads them, with the rows already committed, where it runs."""
+    from ray import cloudpickle
+
+    monkeypatch.setattr(todo, "ROW_GROUP_SHARDS", 7)  # runs cross row groups
+    write_corpus(tmp_path / "in", small=300)
+    fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
+    shards = discover_shards(fs, path)
+    committed = {shards[5].url: [(0, 1), (2, 3)], shards[-1].url: [(10, 400)]}
+    to_read = todo.write_shards_to_read(str(tmp_path / "out"), STORAGE, 3, shards, committed)
+    assert (tmp_path / "out" / TODO / "000003.parquet").is_file()
+    assert (len(to_read), to_read.size_bytes, to_read.committed_rows) == (len(shards), shards.size_bytes, 2 + 390)
+
+    from_file, from_listing = (
+        ShardDatasource(to_read, "text", "id", STORAGE),
+        ShardDatasource(shards, "text", "id", STORAGE),
+    )
+    tasks = from_file.get_read_tasks(20)
+    assert [t.metadata.size_bytes for t in tasks] == [t.metadata.size_bytes for t in from_listing.get_read_tasks(20)]
+    assert max(len(cloudpickle.dumps(task)) for task in tasks) < 4_000  # whatever the corpus
+    runs = [run.read() for run in from_file.groups(20)]
+    assert [s for listed, _ in runs for s in listed] == list(shards)
+    assert {url: ranges for _, of_run in runs for url, ranges in of_run.items()} == committed
+
+    rows = pa.concat_tables(table for task in tasks for table in task.read_fn())
+    kept = {(r["shard"], r["row"]) for r in rows.select(["shard", "row"]).to_pylist()}
+    every = {(s.url, row) for s in shards for row in range(400 if "huge" in s.url else 3)}
+    left_out = {(shards[5].url, 0), (shards[5].url, 2)} | {(shards[-1].url, row) for row in range(10, 400)}
+    assert rows.num_rows == len(kept) and kept == every - left_out
+
+    todo.remove_shards_to_read(*filesystem_for(str(tmp_path / "out"), STORAGE))
+    assert not (tmp_path / "out" / TODO).exists()
 
 
 def test_small_shards_share_read_tasks_sized_by_bytes_and_each_task_writes_one_read_record(tmp_path, monkeypatch):

@@ -321,7 +321,7 @@ def test_the_job_gives_the_pack_and_embed_stages_one_token_budget(tmp_path, tiny
             model=str(tiny_checkpoint),
             tokens_per_batch=tokens_per_batch,
         )
-        plan = job._Plan(config, tiny_encoder.facts, "{}", [], [], {}, 0, None, 0)
+        plan = job._Plan(config, tiny_encoder.facts, "{}", None, 0, None, 0)
         packed = job._read_and_pack(plan, repeats=None, progress=None).options["fn_kwargs"]["tokens_per_batch"]
         embedded = job._embed(Graph(), plan, progress=None).options["fn_constructor_kwargs"]["max_tokens"]
         assert packed == embedded == job.token_budget(config, tiny_encoder.facts)

@@ -11,6 +11,7 @@ _reads/<id>.json           one read task's shards: read to their end (URL, finge
 _checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py); the
                            newest counts, those it replaced stay ten minutes for their readers
 _inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
+_todo/<generation>.parquet    the shards a run reads for a generation, for its read tasks (todo.py)
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
 _vacuum.json               the parts an interrupted vacuum was deleting (vacuum.py)
 duplicates/                with duplicate_ids flag/reject: listing-<input>/, every repeat of an id and
@@ -48,6 +49,7 @@ ERRORS = "errors"
 READS = "_reads"
 CHECKPOINTS = "_checkpoint"
 INPUTS = "_inputs"
+TODO = "_todo"
 SHARDS = "_shards"  # manifest version 1
 FAILED = "_failed"  # manifest version 1
 QUARANTINE = "_quarantine"

@@ -35,6 +35,7 @@ from pipeline.io.layout import (
     RUN_RECORD,
     SHARDS,
     STAGING,
+    TODO,
     VACUUM,
     atomic_write,
     join,
@@ -82,6 +83,7 @@ OUTPUT_ENTRIES = (
     QUARANTINE,
     DUPLICATES,
     INPUTS,
+    TODO,
     VACUUM,
     RUN_RECORD,
 )

@@ -148,6 +148,10 @@ class ShardListing(Sequence):
         urls, relative, formats, sizes, prints = (list(c) for c in zip(*rows, strict=True)) if rows else [[]] * 5
         return ShardListing(_columns(urls, relative, formats, sizes, prints))
 
+    def sizes(self) -> np.ndarray:
+        """Each shard's bytes, in the listing's order."""
+        return self.table.column("size_bytes").to_numpy()
+
     @property
     def size_bytes(self) -> int:
         """The listed shards' bytes together."""
