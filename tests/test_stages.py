@@ -188,6 +188,25 @@ def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
     assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
 
 
+def test_a_listing_is_a_memory_mapped_file_not_on_the_heap_and_leaves_no_file_behind(tmp_path, monkeypatch):
+    """A million shards' columns (about 120 MB) stay out of the driver's heap: the kernel keeps them as a
+    file's pages, which it can drop under pressure. The file is gone from the disk once it is mapped."""
+    (tmp_path / "in").mkdir()
+    for i in range(3 * 700):  # several of discover_shards' chunks
+        (tmp_path / "in" / f"{i:05d}.jsonl").write_bytes(b'{"text": "x"}\n')
+    monkeypatch.setattr("pipeline.io.shards.LISTING_CHUNK", 700)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir()
+    fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
+
+    heap_before = pa.total_allocated_bytes()
+    shards = discover_shards(fs, path)
+    assert len(shards) == 3 * 700 and shards.table.nbytes > 100_000
+    assert pa.total_allocated_bytes() - heap_before < shards.table.nbytes / 20
+    assert [s.relative_path for s in shards] == [f"{i:05d}.jsonl" for i in range(3 * 700)]
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
 PAGED_STORES = ["s3", "gcs", "azure"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ AZURE_PAGE_BLOBS = 1_000
 class ShardListing(Sequence):
     """The shards a listing found, sorted by URL, kept as columns (LISTING_SCHEMA): a Shard is made
     when one is asked for. As objects, the listing took the driver's heap about 520 B per shard
-    (tracemalloc, 10^5 shards); as columns it takes 116 B (benchmarks/RESULTS.md)."""
+    (tracemalloc, 10^5 shards); as columns 116 B; discover_shards' own are a memory-mapped file, off
+    the heap (benchmarks/RESULTS.md). A subset taken of it is a copy on the heap."""
 
     __slots__ = ("table",)
 
@@ -190,21 +192,8 @@ def discover_shards(
         root = path.rsplit("/", 1)[0]
     else:
         raise NoInputError(f"input {fs.unstrip_protocol(path)} does not exist; check the path and its credentials")
-    chunks, found = [], []  # found: one chunk's (path, URL, relative path, format, size, fingerprint)
-    for name, info in listed:
-        if info.get("type") == "directory" or name.rsplit("/", 1)[-1].startswith(("_", ".")):
-            continue
-        fmt = shard_format(name, requested_format)
-        if fmt is not None:
-            relative = name[len(root) :].lstrip("/") if name.startswith(root) else name
-            print_ = None if fingerprint_mode == "content" else shard_fingerprint(info)
-            found.append((name, fs.unstrip_protocol(name), relative, fmt, int(info.get("size") or 0), print_))
-        if len(found) == LISTING_CHUNK:
-            chunks.append(_listing_table(fs, found, fingerprint_mode))
-            found = []
-    chunks.append(_listing_table(fs, found, fingerprint_mode))
+    table = _mapped(_listing_chunks(fs, listed, root, requested_format, fingerprint_mode))
     _forget_listings(fs, root)
-    table = pa.concat_tables(chunks)
     if not table.num_rows:
         raise NoInputError(
             f"no .jsonl[.gz|.zst], .parquet or .txt shards found at {fs.unstrip_protocol(path)}; "
@@ -218,6 +207,41 @@ def discover_shards(
     if pc.any(repeated).as_py():
         table = table.filter(pa.concat_arrays([pa.array([True]), pc.invert(repeated).combine_chunks()]))
     return ShardListing(table)
+
+
+def _listing_chunks(
+    fs: fsspec.AbstractFileSystem,
+    listed: Iterator[tuple[str, dict]],
+    root: str,
+    requested_format: str,
+    fingerprint_mode: str,
+) -> Iterator[pa.Table]:
+    """The readable shards among the listed files, as columns (LISTING_SCHEMA), LISTING_CHUNK at a time."""
+    found = []  # one chunk's (path, URL, relative path, format, size, fingerprint)
+    for name, info in listed:
+        if info.get("type") == "directory" or name.rsplit("/", 1)[-1].startswith(("_", ".")):
+            continue
+        fmt = shard_format(name, requested_format)
+        if fmt is not None:
+            relative = name[len(root) :].lstrip("/") if name.startswith(root) else name
+            print_ = None if fingerprint_mode == "content" else shard_fingerprint(info)
+            found.append((name, fs.unstrip_protocol(name), relative, fmt, int(info.get("size") or 0), print_))
+        if len(found) == LISTING_CHUNK:
+            yield _listing_table(fs, found, fingerprint_mode)
+            found = []
+    yield _listing_table(fs, found, fingerprint_mode)
+
+
+def _mapped(chunks: Iterable[pa.Table]) -> pa.Table:
+    """The chunks as one table whose columns are a memory-mapped file on this machine's disk, not the
+    heap (as Hugging Face datasets keeps Arrow tables): the kernel holds its pages as a file's cache,
+    dropped under memory pressure and read again when needed (10^6 shards: 120 MB). The file is
+    unlinked as soon as it is mapped, so nothing is left behind, even by a crash."""
+    with tempfile.NamedTemporaryFile(prefix="neobert-listing-", suffix=".arrow") as spool:
+        with pa.ipc.new_file(spool.name, LISTING_SCHEMA) as writer:
+            for chunk in chunks:
+                writer.write_table(chunk)
+        return pa.ipc.open_file(pa.memory_map(spool.name)).read_all()
 
 
 def _listing_table(fs: fsspec.AbstractFileSystem, found: list[tuple], fingerprint_mode: str) -> pa.Table:
