@@ -90,7 +90,14 @@ def in_step(sources: list[Iterable[pa.Table]], empty: list[pa.Table]) -> Iterato
 
 
 def _rows_below(table: pa.Table, bound: bytes) -> int:
-    """How many of a url-sorted table's first rows have a URL below bound."""
-    if table.num_rows == 0:
-        return 0
-    return pc.sum(pc.less(table.column("url"), pa.scalar(bound, pa.binary())).cast(pa.int64())).as_py()
+    """How many of a url-sorted table's first rows have a URL below bound: found by bisection, as a
+    source given whole (a listing of 10^6 shards) is looked at again at every step."""
+    urls = table.column("url")
+    low, high = 0, len(urls)
+    while low < high:
+        middle = (low + high) // 2
+        if urls[middle].as_py() < bound:
+            low = middle + 1
+        else:
+            high = middle
+    return low
