@@ -35,7 +35,7 @@ from pipeline.io.run_record import (
 from pipeline.io.shards import ShardListing, discover_shards
 from pipeline.io.sink import CommittedParquetSink
 from pipeline.io.storage import filesystem_for
-from pipeline.io.todo import ShardsToRead, remove_shards_to_read, write_shards_to_read
+from pipeline.io.todo import ShardsToRead, remove_shards_to_read, todo_url, write_shards_to_read
 from pipeline.model.cpu_allocator import GLIBC_TUNABLES
 from pipeline.model.devices import DEFAULT_MAX_TOKENS, device_type
 from pipeline.model.inspection import CheckpointFacts
@@ -124,7 +124,7 @@ def run_embedding_job(
                 work[generation] = changes.added + changes.changed
         todo = {
             generation: write_shards_to_read(
-                config.output, config.storage, generation, listed, planned.committed.get(generation, {})
+                todo_url(config.output, f"{generation:06d}"), config.storage, listed, planned.committed.get(generation)
             )
             for generation, listed in work.items()
         }

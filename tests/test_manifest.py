@@ -101,7 +101,7 @@ def test_the_jobs_read_tasks_take_runs_of_a_shards_file_and_leave_out_its_commit
     fs, path = filesystem_for(str(tmp_path / "in"), STORAGE)
     shards = discover_shards(fs, path)
     committed = {shards[5].url: [(0, 1), (2, 3)], shards[-1].url: [(10, 400)]}
-    to_read = todo.write_shards_to_read(str(tmp_path / "out"), STORAGE, 3, shards, committed)
+    to_read = todo.write_shards_to_read(todo.todo_url(str(tmp_path / "out"), "000003"), STORAGE, shards, committed)
     assert (tmp_path / "out" / TODO / "000003.parquet").is_file()
     assert (len(to_read), to_read.size_bytes, to_read.committed_rows) == (len(shards), shards.size_bytes, 2 + 390)
 
@@ -473,7 +473,8 @@ def test_repeated_ids_are_listed_once_per_input_and_a_changed_input_reads_only_i
     datasource = duplicate_ids.ShardDatasource
 
     def recording(shards, *args):
-        read.append([s.url.rsplit("/", 1)[-1] for s in shards])
+        listed, _ = shards.run_of(0, len(shards)).read()  # the pass's shards, from its file in the output
+        read.append([s.url.rsplit("/", 1)[-1] for s in listed])
         return datasource(shards, *args)
 
     monkeypatch.setattr(duplicate_ids, "ShardDatasource", recording)
@@ -494,6 +495,7 @@ def test_repeated_ids_are_listed_once_per_input_and_a_changed_input_reads_only_i
 
     (url_a, url_b), repeats = listed()
     assert repeats == {url_b: {0: f"id 'x' was already seen at {url_a} row 0"}} and read == [["a.jsonl", "b.jsonl"]]
+    assert list((tmp_path / "out" / TODO).iterdir()) == []  # the pass's shards file goes once they are read
     assert listed()[1] == repeats and len(read) == 1  # a resumed run over the same input reuses the list
 
     # A listing made before listings had folders of their own (its files straight in duplicates/) is

@@ -7,7 +7,8 @@ about 270 MB more (benchmarks/RESULTS.md). The file also holds the row ranges of
 committed already, which a read task leaves out: a crashed run's ranges need not travel in every task.
 
 _todo/<generation>.parquet is the lease holder's alone, written again by the run that next does that
-generation's work, and removed when a run ends well.
+generation's work, and removed when a run ends well. _todo/ids-<pass>.parquet, the shards whose ids a
+--duplicate-ids pass reads (duplicate_ids.IdIndex), goes once they are read.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class ShardsToRead:
     def run_of(self, start: int, stop: int) -> RunOfShards:
         return RunOfShards(self.url, self.storage, start, stop)
 
+    def remove(self) -> None:
+        fs, path = filesystem_for(self.url, self.storage)
+        fs.rm(path)
+
 
 @dataclass(frozen=True)
 class RunOfShards:
@@ -87,19 +92,24 @@ class RunOfShards:
         return ShardListing(table.select(LISTING_SCHEMA.names)), committed
 
 
+def todo_url(output_url: str, name: str) -> str:
+    """Where in the output the shards to read of this name go (a generation's: its number)."""
+    return join(output_url, TODO, f"{name}.parquet")
+
+
 def write_shards_to_read(
-    output_url: str, storage: StorageConfig, generation: int, shards: ShardListing, committed: dict[str, list[Range]]
+    url: str, storage: StorageConfig, shards: ShardListing, committed: dict[str, list[Range]] | None = None
 ) -> ShardsToRead:
-    """Write a generation's shards to read, with their committed ranges, as _todo/<generation>.parquet
-    (streamed a row group at a time: never a second copy of the listing in memory)."""
-    fs, root = filesystem_for(output_url, storage)
-    name = f"{TODO}/{generation:06d}.parquet"
-    fs.makedirs(join(root, TODO), exist_ok=True)
-    with fs.open(join(root, name), "wb") as f, pq.ParquetWriter(f, TODO_SCHEMA, compression="zstd") as writer:
+    """Write these shards, with their committed ranges, to url (todo_url), streamed a row group at a
+    time: never a second copy of the listing in memory."""
+    committed = committed or {}
+    fs, path = filesystem_for(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, TODO_SCHEMA, compression="zstd") as writer:
         for table in _with_committed(shards, committed):
             writer.write_table(table, ROW_GROUP_SHARDS)
     return ShardsToRead(
-        join(output_url, name),
+        url,
         storage,
         len(shards),
         shards.size_bytes,
