@@ -188,9 +188,14 @@ def test_listing_an_object_store_leaves_no_listing_cached_on_the_driver(s3):
     assert not any(key.startswith(f"{s3.bucket}/in") for key in s3.dircache)
 
 
+# Counts the peak of what a take allocates; kept for the process's life, as Arrow pools must outlive their buffers.
+TAKE_POOL = pa.proxy_memory_pool(pa.default_memory_pool())
+
+
 def test_a_listing_is_a_memory_mapped_file_not_on_the_heap_and_leaves_no_file_behind(tmp_path, monkeypatch):
     """A million shards' columns (about 120 MB) stay out of the driver's heap: the kernel keeps them as a
-    file's pages, which it can drop under pressure. The file is gone from the disk once it is mapped."""
+    file's pages, which it can drop under pressure. The file is gone from the disk once it is mapped. A
+    subset taken of it copies only its own shards, in the order asked."""
     (tmp_path / "in").mkdir()
     for i in range(3 * 700):  # several of discover_shards' chunks
         (tmp_path / "in" / f"{i:05d}.jsonl").write_bytes(b'{"text": "x"}\n')
@@ -205,6 +210,18 @@ def test_a_listing_is_a_memory_mapped_file_not_on_the_heap_and_leaves_no_file_be
     assert pa.total_allocated_bytes() - heap_before < shards.table.nbytes / 20
     assert [s.relative_path for s in shards] == [f"{i:05d}.jsonl" for i in range(3 * 700)]
     assert list((tmp_path / "spool").iterdir()) == []
+
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(TAKE_POOL)
+    try:  # Python objects out: nothing allocated from TAKE_POOL outlives the block
+        picked, none = list(shards.take([1500, 3, 700, 3])), len(shards.take([]))
+    finally:
+        pa.set_memory_pool(previous)
+    assert 0 < TAKE_POOL.max_memory() < shards.table.nbytes / 20
+    assert [s.relative_path for s in picked] == ["01500.jsonl", "00003.jsonl", "00700.jsonl", "00003.jsonl"]
+    assert picked == [shards[1500], shards[3], shards[700], shards[3]] and none == 0
+    with pytest.raises(IndexError):
+        shards.take([5, 3 * 700])
 
 
 PAGED_STORES = ["s3", "gcs", "azure"]

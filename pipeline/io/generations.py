@@ -134,7 +134,8 @@ def ledger_steps(
         shard_facts_in_batches(fs, state, DONE),
         [sorted_by_url(state.done)],
         *ranges_in_batches(fs, state),
-        *([table] for table in more),
+        # A batch at a time, so that a step holds a batch of each, not all of a source no other one bounds.
+        *((pa.Table.from_batches([batch]) for batch in table.to_batches(sorted_facts.BATCH_ROWS)) for table in more),
     ]
     empty = [inputs_schema.empty_table()] * len(generations) + [DONE_SCHEMA.empty_table()] * 2
     empty += [RANGES_OF_PARTS.empty_table()] * 2 + [table.schema.empty_table() for table in more]

@@ -134,8 +134,22 @@ class ShardListing(Sequence):
         return ShardListing(pa.concat_tables([self.table, other.table]))
 
     def take(self, indices) -> ShardListing:
-        """The shards at these positions, in a listing of their own (a copy: it pickles small)."""
-        return ShardListing(self.table.take(pa.array(indices, pa.int64())))
+        """The shards at these positions, in a listing of their own (a copy: it pickles small), taken
+        chunk by chunk: Arrow's take over a chunked table joins all its chunks first, which copied a
+        10^6-shard listing whole onto the heap to take a few shards (or none) of it."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = None if np.all(indices[1:] >= indices[:-1]) else np.argsort(indices, kind="stable")
+        ordered = indices if order is None else indices[order]
+        if len(ordered) and (ordered[0] < 0 or ordered[-1] >= len(self)):
+            raise IndexError(f"shards {ordered[0]}..{ordered[-1]} of a listing of {len(self)}")
+        pieces, offset = [], 0
+        for chunk in self.table.to_batches():
+            low, high = np.searchsorted(ordered, [offset, offset + chunk.num_rows])
+            if high > low:
+                pieces.append(chunk.take(pa.array(ordered[low:high] - offset)))
+            offset += chunk.num_rows
+        table = pa.Table.from_batches(pieces, schema=self.table.schema)
+        return ShardListing(table if order is None else table.take(pa.array(np.argsort(order))))
 
     def run_of(self, start: int, stop: int) -> ShardListing:
         """The shards from start to stop, copied out of only the chunks they are in. (A take over the
