@@ -11,7 +11,8 @@ _reads/<id>.json           one read task's shards: read to their end (URL, finge
 _checkpoint/<seq>.parquet  the commit and read records above compacted into one file (compaction.py); the
                            newest counts, those it replaced stay ten minutes for their readers
 _inputs/<generation>.parquet  a generation's input shards: URL, format, size, fingerprint
-_todo/<generation>.parquet    the shards a run reads for a generation, for its read tasks (todo.py)
+_todo/<generation>.parquet    the shards a run reads for a generation, for its read tasks (todo.py);
+                              ids-<pass>.parquet, those a --duplicate-ids pass reads the ids of
 _quarantine/               what recover or repair took out of the output: never read, kept for a look
 _vacuum.json               the parts an interrupted vacuum was deleting (vacuum.py)
 duplicates/                with duplicate_ids flag/reject: listing-<input>/, every repeat of an id and
