@@ -12,6 +12,7 @@ and sorted in memory, as before.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 
 import fsspec
@@ -90,14 +91,6 @@ def in_step(sources: list[Iterable[pa.Table]], empty: list[pa.Table]) -> Iterato
 
 
 def _rows_below(table: pa.Table, bound: bytes) -> int:
-    """How many of a url-sorted table's first rows have a URL below bound: found by bisection, as a
-    source given whole (a listing of 10^6 shards) is looked at again at every step."""
-    urls = table.column("url")
-    low, high = 0, len(urls)
-    while low < high:
-        middle = (low + high) // 2
-        if urls[middle].as_py() < bound:
-            low = middle + 1
-        else:
-            high = middle
-    return low
+    """How many of a url-sorted table's first rows have a URL below bound, by bisection: a source's
+    pending rows are looked at again at every step."""
+    return bisect.bisect_left(table.column("url"), bound, key=lambda url: url.as_py())
