@@ -58,13 +58,14 @@ def recover(fs: fsspec.AbstractFileSystem, root: str, lease_token: int = 0, *, s
     """Finish what a crashed run left; set aside what no commit record may stand for. The holder of
     the writer lease (lease_token) also compacts the records once there are many. shard_facts=False:
     the state leaves the checkpoint's per-shard facts in its file (read_state)."""
-    if lease_token:  # records of a whole run or more are folded a batch at a time first
-        fold_records(fs, root, lease_token)
+    # Records of a whole run or more are folded a batch at a time first.
+    folded = fold_records(fs, root, lease_token) if lease_token else 0
     state = read_state(fs, root, shard_facts=shard_facts)
     _recover(fs, root, state)
-    if lease_token and worth_compacting(state) and compact(fs, root, state, lease_token) and not shard_facts:
+    compacted = bool(lease_token) and worth_compacting(state) and compact(fs, root, state, lease_token)
+    if compacted and not shard_facts:
         state = read_state(fs, root, shard_facts=False)  # the records' facts, now in the checkpoint's file
-    if lease_token:
+    if lease_token and not (folded or compacted):  # a compaction expires them as it writes (no clock probe)
         expire_checkpoints(fs, root, state)
     return state
 
